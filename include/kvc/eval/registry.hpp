@@ -1,0 +1,56 @@
+// kvc/eval/registry.hpp: the one registry from policy names to policies, and the cache type that
+// `kvc eval` runs every spec through.
+//
+//   kvc::RuntimePolicies p = kvc::build_policies("snapkv(budget=256)+kivi(bits=2)");
+//   kvc::RuntimeCache cache{shape, p.eviction, p.quant, kvc::CacheOptions{}};
+//   for (const auto& info : kvc::policy_catalog()) std::cout << info.name << '\n';
+//
+// Unknown names and parameters are rejected with the list of valid ones; a spec names at most one
+// policy per kind (slot).
+#pragma once
+
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "kvc/cache/kv_cache.hpp"
+#include "kvc/policies/any.hpp"
+#include "kvc/policies/eviction/snapkv.hpp"
+#include "kvc/policies/eviction/streaming_llm.hpp"
+#include "kvc/policies/quant/dense.hpp"
+#include "kvc/policies/quant/kivi.hpp"
+
+namespace kvc {
+
+using RuntimeEviction = AnyEviction<NoEviction, StreamingLlm, SnapKv>;
+using RuntimeQuant = AnyQuant<NoQuant, Kivi>;
+
+struct RuntimeConfig : DefaultConfig {
+  using Eviction = RuntimeEviction;
+  using Quant = RuntimeQuant;
+};
+using RuntimeCache = KVCache<RuntimeConfig, Cpu>;
+
+struct RuntimePolicies {
+  RuntimeEviction eviction{NoEviction{}};
+  RuntimeQuant quant{NoQuant{}};
+};
+
+// Parses and validates a spec (kvc/eval/spec.hpp grammar) into the policies of each slot.
+RuntimePolicies build_policies(std::string_view spec);
+
+struct ParamInfo {
+  std::string name;
+  std::string default_value;
+  std::string help;
+};
+struct PolicyInfo {
+  std::string name;
+  PolicyKind kind;
+  std::string summary;
+  std::vector<ParamInfo> params;
+};
+const std::vector<PolicyInfo>& policy_catalog();
+std::string_view kind_name(PolicyKind kind);
+
+}  // namespace kvc

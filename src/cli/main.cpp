@@ -1,0 +1,195 @@
+// The `kvc` command-line tool: `kvc eval` (what a policy costs on a KV dump) and `kvc inspect`
+// (realism statistics of a dump). Errors print one line and exit non-zero.
+#include <fmt/format.h>
+
+#include <charconv>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "kvc/core/error.hpp"
+#include "kvc/eval/dump.hpp"
+#include "kvc/eval/evaluate.hpp"
+#include "kvc/eval/inspect.hpp"
+#include "kvc/eval/registry.hpp"
+
+namespace {
+
+constexpr std::string_view kMainHelp =
+    R"(kvc: KV-cache compression policies, measured on KV dumps.
+
+usage: kvc <command> [options]
+
+commands:
+  eval      run compression policies on a KV dump and report error, recall and bytes
+  inspect   print shapes and realism statistics of a KV dump
+  help      this text (also: kvc --help, kvc <command> --help)
+)";
+
+constexpr std::string_view kEvalHelp =
+    R"(usage: kvc eval --data PATH --policy SPEC [--policy SPEC ...] [options]
+
+Runs every policy through the same protocol on a KV dump: tokens [0, prefix) are prefilled and
+compressed; then for each step t = prefix .. T-1 token t's key and value are appended, its query
+attends over the cache, and decode-time policies act.
+
+options:
+  --data PATH         KV dump: a directory (q.npy, k.npy, v.npy, optional k_prerope.npy,
+                      meta.json) or one .safetensors file (tensors q, k, v, optional k_prerope)
+  --policy SPEC       a policy spec, repeatable; stages joined by '+', e.g.
+                      'snapkv(budget=256,window=32,kernel=7,pool=max)+kivi(bits=2)'
+  --prefix N          prompt length; default floor(0.75 * T); must be in [1, T-1]
+  --positions MODE    absolute (default: keys keep their rotation) | reindexed (kept keys and the
+                      query re-rotated to in-cache indices, StreamingLLM pos-shift)
+  --json FILE         also write the results as JSON
+  --dump DIR          write DIR/<i>/layer_<l>/{positions,keys,values}.npy: the state of policy i
+                      right after prefill compression (positions int32 [S, n_max] padded with -1;
+                      keys, values f32 [S, n_max, D] dequantized)
+  --help              this text
+
+metrics: rel_error = sqrt(sum |o_c - o_f|^2) / sqrt(sum |o_f|^2) over all decode steps and query
+heads (o_f = exact attention over tokens 0..t); attn_recall = mean attention mass of o_f on tokens
+still cached; bytes = payload + quantization parameters after prefill compression; full_bytes =
+f16 K+V of the prefix; ratio = full_bytes / bytes; index = int32 position bytes (apart).
+)";
+
+constexpr std::string_view kInspectHelp =
+    R"(usage: kvc inspect PATH
+
+Prints the shapes of a KV dump and, per layer, statistics that show whether the data has what KV
+compression must handle: attention mass on token 0 (sinks) and on the last 32 tokens (locality),
+the key outlier-channel ratio (max / median over channels of mean |k|) and the kurtosis of k and v.
+)";
+
+struct UsageError : kvc::Error {
+  using kvc::Error::Error;
+};
+
+std::string policies_help() {
+  std::string text = "\npolicies (name(param=default, ...)):\n";
+  for (const auto& info : kvc::policy_catalog()) {
+    std::string params;
+    for (const auto& p : info.params)
+      params += fmt::format("{}{}={}", params.empty() ? "" : ",", p.name, p.default_value);
+    text += fmt::format("  {:<14} [{}] {}\n",
+                        params.empty() ? info.name : info.name + "(" + params + ")",
+                        kvc::kind_name(info.kind), info.summary);
+    for (const auto& p : info.params) text += fmt::format("      {:<10} {}\n", p.name, p.help);
+  }
+  return text;
+}
+
+// Returns the value following option `args[i]`, advancing i.
+std::string option_value(const std::vector<std::string>& args, std::size_t& i) {
+  if (i + 1 >= args.size()) throw UsageError(fmt::format("option {} needs a value", args[i]));
+  return args[++i];
+}
+
+int parse_int(std::string_view what, const std::string& text) {
+  int value = 0;
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+  if (ec != std::errc() || end != text.data() + text.size())
+    throw UsageError(fmt::format("{} = '{}' is not an integer", what, text));
+  return value;
+}
+
+void write_file(const std::string& path, const std::string& text) {
+  std::ofstream out(path, std::ios::binary);
+  KVC_CHECK(out, "cannot open '", path, "' for writing");
+  out << text;
+  out.close();
+  KVC_CHECK(out, "error while writing '", path, "'");
+}
+
+int run_eval(const std::vector<std::string>& args) {
+  std::string data, json_path;
+  std::vector<std::string> specs;
+  kvc::EvalOptions options;
+  for (std::size_t i = 0; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    if (a == "--help" || a == "-h") {
+      std::cout << kEvalHelp << policies_help();
+      return 0;
+    } else if (a == "--data") {
+      data = option_value(args, i);
+    } else if (a == "--policy") {
+      specs.push_back(option_value(args, i));
+    } else if (a == "--prefix") {
+      options.prefix = parse_int("--prefix", option_value(args, i));
+      if (options.prefix < 1)
+        throw kvc::Error(fmt::format("prefix = {} out of range: must be >= 1", options.prefix));
+    } else if (a == "--positions") {
+      const std::string mode = option_value(args, i);
+      if (mode == "absolute")
+        options.positions = kvc::PositionMode::absolute;
+      else if (mode == "reindexed")
+        options.positions = kvc::PositionMode::reindexed;
+      else
+        throw UsageError(fmt::format("--positions = '{}' is not one of absolute, reindexed", mode));
+    } else if (a == "--json") {
+      json_path = option_value(args, i);
+    } else if (a == "--dump") {
+      options.dump_dir = option_value(args, i);
+    } else {
+      throw UsageError(fmt::format("unknown option '{}' for eval (see kvc eval --help)", a));
+    }
+  }
+  if (data.empty()) throw UsageError("eval needs --data PATH (see kvc eval --help)");
+  if (specs.empty())
+    throw UsageError("eval needs at least one --policy SPEC (see kvc eval --help)");
+  for (const auto& spec : specs) kvc::build_policies(spec);  // spec errors before loading data
+  const kvc::KvDump dump = kvc::load_dump(data);
+  const kvc::EvalResult result = kvc::evaluate(dump, specs, options);
+  std::cout << kvc::format_table(result);
+  if (!json_path.empty()) write_file(json_path, kvc::format_json(result));
+  return 0;
+}
+
+int run_inspect(const std::vector<std::string>& args) {
+  std::string path;
+  for (const auto& a : args) {
+    if (a == "--help" || a == "-h") {
+      std::cout << kInspectHelp;
+      return 0;
+    }
+    if (a.starts_with("-")) throw UsageError(fmt::format("unknown option '{}' for inspect", a));
+    if (!path.empty()) throw UsageError("inspect takes one PATH");
+    path = a;
+  }
+  if (path.empty()) throw UsageError("inspect needs a PATH (see kvc inspect --help)");
+  std::cout << kvc::format_stats(kvc::inspect_dump(kvc::load_dump(path)));
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::vector<std::string> all(argv + 1, argv + argc);
+  if (all.empty()) {
+    std::cerr << kMainHelp;
+    return 2;
+  }
+  const std::string& command = all[0];
+  const std::vector<std::string> args(all.begin() + 1, all.end());
+  try {
+    if (command == "--help" || command == "-h" || command == "help") {
+      std::cout << kMainHelp;
+      return 0;
+    }
+    if (command == "eval") return run_eval(args);
+    if (command == "inspect") return run_inspect(args);
+    throw UsageError(fmt::format("unknown command '{}'; commands: eval, inspect, help", command));
+  } catch (const UsageError& e) {
+    std::cerr << "kvc: error: " << e.what() << '\n';
+    return 2;
+  } catch (const kvc::Error& e) {
+    std::cerr << "kvc: error: " << e.what() << '\n';
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << "kvc: error: " << e.what() << '\n';
+    return 1;
+  }
+}
