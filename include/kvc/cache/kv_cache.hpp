@@ -160,7 +160,7 @@ class KVCache<Config, Cpu> {
     in.queries = make_view(static_cast<const float*>(data.staged_queries.data()),
                            {shape_.q_heads, data.staged_query_count, d});
     in.positions = data.staged_positions;
-    Selection selection = eviction_.prefill(data.eviction_state, in);
+    Selection selection = eviction_.prefill(eviction_state_, in);
     check_selection(layer, selection, tokens);
 
     const int storage_heads = static_cast<int>(selection.keep.size());
@@ -287,9 +287,10 @@ class KVCache<Config, Cpu> {
     for (const auto& store : data.heads) sizes.push_back(store.size());
     DecodeInput in;
     in.layer = layer;
+    in.num_layers = shape_.layers;
     in.head_sizes = sizes;
     in.probabilities = data.has_observation ? &data.observed : nullptr;
-    DecodeKeep keep = eviction_.decode(data.eviction_state, in);
+    DecodeKeep keep = eviction_.decode(eviction_state_, in);
     if (keep) {
       KVC_CHECK(keep->size() == data.heads.size(), policy_name(eviction_), " returned ",
                 keep->size(), " keep sets for ", data.heads.size(), " storage heads");
@@ -345,11 +346,10 @@ class KVCache<Config, Cpu> {
   struct LayerData {
     std::vector<typename Quant::HeadStore> heads;  // [S]
     std::vector<int> source_head;                  // [S]
-    typename Eviction::LayerState eviction_state{};
-    std::vector<float> staged_keys;              // [Hkv, T, D]
-    std::vector<float> staged_values;            // [Hkv, T, D]
-    std::vector<float> staged_queries;           // [Hq, Tq, D]
-    std::vector<std::int32_t> staged_positions;  // [T]
+    std::vector<float> staged_keys;                // [Hkv, T, D]
+    std::vector<float> staged_values;              // [Hkv, T, D]
+    std::vector<float> staged_queries;             // [Hq, Tq, D]
+    std::vector<std::int32_t> staged_positions;    // [T]
     std::int64_t staged_tokens = 0;
     std::int64_t staged_query_count = 0;
     std::int32_t next_position = 0;
@@ -452,6 +452,7 @@ class KVCache<Config, Cpu> {
   Quant quant_{};
   KeyProjection key_projection_{};
   LayerSharing layer_sharing_{};
+  typename Eviction::State eviction_state_{};  // one per cache (request), shared by all layers
   std::vector<LayerData> layers_;
 };
 

@@ -35,8 +35,8 @@ struct AnyEviction {
 
   std::variant<Policies...> policy;
 
-  struct LayerState {
-    std::variant<typename Policies::LayerState...> state;
+  struct State {
+    std::variant<typename Policies::State...> state;
   };
 
   std::string_view name() const {
@@ -52,19 +52,19 @@ struct AnyEviction {
   bool observes_attention() const {
     return std::visit([](const auto& p) { return p.observes_attention(); }, policy);
   }
-  Selection prefill(LayerState& s, const PrefillInput& in) const {
+  Selection prefill(State& s, const PrefillInput& in) const {
     return std::visit(
         [&](const auto& p) {
           using P = std::decay_t<decltype(p)>;
-          return p.prefill(detail::ensure_alternative<typename P::LayerState>(s.state), in);
+          return p.prefill(detail::ensure_alternative<typename P::State>(s.state), in);
         },
         policy);
   }
-  DecodeKeep decode(LayerState& s, const DecodeInput& in) const {
+  DecodeKeep decode(State& s, const DecodeInput& in) const {
     return std::visit(
         [&](const auto& p) {
           using P = std::decay_t<decltype(p)>;
-          return p.decode(detail::ensure_alternative<typename P::LayerState>(s.state), in);
+          return p.decode(detail::ensure_alternative<typename P::State>(s.state), in);
         },
         policy);
   }

@@ -6,8 +6,11 @@
 //   kvc::Selection all = kvc::keep_all(/*source heads=*/2, /*tokens=*/100);
 //
 // Policies are small trivially copyable structs: parameters are plain members holding the
-// published defaults; whatever a policy must remember between calls lives in its LayerState (for
-// eviction) or its HeadStore (for quantization), owned by the cache, never in the policy.
+// published defaults; whatever a policy must remember between calls lives in its State (for
+// eviction: one per cache, shared by all layers, so that a decision may span layers, e.g.
+// WindowKV's layer groups; every input names its layer) or its HeadStore (for quantization, one per
+// storage head), owned by the cache, never in the policy: a policy value can be shared by many
+// requests.
 #pragma once
 
 #include <concepts>
@@ -59,6 +62,7 @@ inline Selection keep_all(int source_heads, std::int64_t tokens) {
 // What a decode-time decision sees for one layer, after the step's forward.
 struct DecodeInput {
   int layer = 0;
+  int num_layers = 1;
   std::span<const int> head_sizes;  // [S] tokens currently stored per storage head
   // Attention probabilities of this step, per storage head [g_s, n_s] flattened (g_s = query
   // heads reading that head). Filled only for policies with kObservesAttention.
@@ -78,8 +82,8 @@ concept Policy = std::is_trivially_copyable_v<P> && requires(const P& p) {
 template <class P>
 concept EvictionPolicy =
     Policy<P> && P::kKind ==
-    PolicyKind::eviction&& std::default_initializable<typename P::LayerState>&& requires(
-        const P& p, typename P::LayerState& state, const PrefillInput& in, const DecodeInput& dec) {
+    PolicyKind::eviction&& std::default_initializable<typename P::State>&& requires(
+        const P& p, typename P::State& state, const PrefillInput& in, const DecodeInput& dec) {
   { p.prefill(state, in) } -> std::same_as<Selection>;
   { p.decode(state, dec) } -> std::same_as<DecodeKeep>;
   { p.evicts_on_decode() } -> std::convertible_to<bool>;
@@ -126,14 +130,14 @@ concept QuantPolicy = Policy<Q> && Q::kKind ==
 struct NoEviction {
   static constexpr std::string_view kName = "full";
   static constexpr PolicyKind kKind = PolicyKind::eviction;
-  struct LayerState {};
+  struct State {};
   void validate() const {}
   bool evicts_on_decode() const { return false; }
   bool observes_attention() const { return false; }
-  Selection prefill(LayerState&, const PrefillInput& in) const {
+  Selection prefill(State&, const PrefillInput& in) const {
     return keep_all(static_cast<int>(in.keys.size(0)), in.keys.size(1));
   }
-  DecodeKeep decode(LayerState&, const DecodeInput&) const { return std::nullopt; }
+  DecodeKeep decode(State&, const DecodeInput&) const { return std::nullopt; }
 };
 
 // Merge: folds what eviction drops into what stays. The no-op merge drops nothing extra.

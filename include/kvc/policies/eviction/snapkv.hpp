@@ -40,7 +40,7 @@ struct SnapKv {
   ops::Pool pool = ops::Pool::avg;
   GqaMode gqa = GqaMode::mean;
 
-  struct LayerState {};
+  struct State {};
 
   void validate() const {
     KVC_CHECK(budget > 0, "snapkv: budget must be > 0, got ", budget);
@@ -51,7 +51,7 @@ struct SnapKv {
   bool evicts_on_decode() const { return false; }
   bool observes_attention() const { return false; }
 
-  Selection prefill(LayerState&, const PrefillInput& in) const {
+  Selection prefill(State&, const PrefillInput& in) const {
     const int kv_heads = static_cast<int>(in.keys.size(0));
     const int q_heads = static_cast<int>(in.queries.size(0));
     const std::int64_t tokens = in.keys.size(1);
@@ -102,7 +102,7 @@ struct SnapKv {
     return s;
   }
 
-  DecodeKeep decode(LayerState&, const DecodeInput&) const { return std::nullopt; }
+  DecodeKeep decode(State&, const DecodeInput&) const { return std::nullopt; }
 };
 static_assert(EvictionPolicy<SnapKv>);
 

@@ -27,7 +27,7 @@ struct StreamingLlm {
   int sink = 4;
   int recent = 512;
 
-  struct LayerState {};
+  struct State {};
 
   void validate() const {
     KVC_CHECK(sink >= 0, "streamingllm: sink must be >= 0, got ", sink);
@@ -63,7 +63,7 @@ struct StreamingLlm {
     return kept;
   }
 
-  Selection prefill(LayerState&, const PrefillInput& in) const {
+  Selection prefill(State&, const PrefillInput& in) const {
     const int heads = static_cast<int>(in.keys.size(0));
     Selection s;
     for (int h = 0; h < heads; ++h) {
@@ -73,7 +73,7 @@ struct StreamingLlm {
     return s;
   }
 
-  DecodeKeep decode(LayerState&, const DecodeInput& in) const {
+  DecodeKeep decode(State&, const DecodeInput& in) const {
     bool any = false;
     std::vector<std::vector<std::int32_t>> kept;
     for (int n : in.head_sizes) {

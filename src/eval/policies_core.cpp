@@ -1,0 +1,75 @@
+// Registry entries of the first policies: full, streamingllm, snapkv, kivi.
+#include <string>
+
+#include "registry_internal.hpp"
+
+namespace kvc {
+namespace {
+
+const char* pool_name(ops::Pool p) { return p == ops::Pool::avg ? "avg" : "max"; }
+const char* gqa_name(GqaMode g) { return g == GqaMode::mean ? "mean" : "repeat"; }
+
+}  // namespace
+
+std::vector<PolicyEntry> core_policies() {
+  const StreamingLlm streaming{};
+  const SnapKv snap{};
+  const Kivi kivi{};
+  return {
+      {{"full", PolicyKind::eviction, "no compression: every token kept in f16", {}},
+       [](const ParamReader&, RuntimePolicies& out) { out.eviction.policy = NoEviction{}; }},
+      {{"streamingllm",
+        PolicyKind::eviction,
+        "StreamingLLM: sink tokens + recent window, trimmed after every forward",
+        {{"sink", std::to_string(streaming.sink), "initial tokens always kept"},
+         {"recent", std::to_string(streaming.recent), "most recent tokens kept"}}},
+       [](const ParamReader& params, RuntimePolicies& out) {
+         StreamingLlm p;
+         params.read_int("sink", p.sink);
+         params.read_int("recent", p.recent);
+         p.validate();
+         out.eviction.policy = p;
+       }},
+      {{"snapkv",
+        PolicyKind::eviction,
+        "SnapKV: observation-window scores + pooling at prefill, top budget-window + window",
+        {{"budget", std::to_string(snap.budget), "tokens kept per head, window included"},
+         {"window", std::to_string(snap.window), "observation window W (last prompt queries)"},
+         {"kernel", std::to_string(snap.kernel), "pooling kernel (odd)"},
+         {"pool", pool_name(snap.pool), "avg | max"},
+         {"gqa", gqa_name(snap.gqa),
+          "mean (one selection per KV head) | repeat (per query head)"}}},
+       [](const ParamReader& params, RuntimePolicies& out) {
+         SnapKv p;
+         params.read_int("budget", p.budget);
+         params.read_int("window", p.window);
+         params.read_int("kernel", p.kernel);
+         params.read_choice("pool", p.pool, {{"avg", ops::Pool::avg}, {"max", ops::Pool::max}});
+         params.read_choice("gqa", p.gqa, {{"mean", GqaMode::mean}, {"repeat", GqaMode::repeat}});
+         p.validate();
+         out.eviction.policy = p;
+       }},
+      {{"kivi",
+        PolicyKind::quant,
+        "KIVI: keys per channel, values per token, asymmetric min-max, f16 residual",
+        {{"bits", std::to_string(kivi.key_bits), "key and value bits (2, 4, 8)"},
+         {"kbits", std::to_string(kivi.key_bits), "key bits, overrides bits"},
+         {"vbits", std::to_string(kivi.value_bits), "value bits, overrides bits"},
+         {"group", std::to_string(kivi.group), "group size G"},
+         {"residual", std::to_string(kivi.residual), "full-precision residual R (multiple of G)"}}},
+       [](const ParamReader& params, RuntimePolicies& out) {
+         Kivi p;
+         int bits = p.key_bits;
+         params.read_int("bits", bits);
+         p.key_bits = p.value_bits = bits;
+         params.read_int("kbits", p.key_bits);
+         params.read_int("vbits", p.value_bits);
+         params.read_int("group", p.group);
+         params.read_int("residual", p.residual);
+         p.validate();
+         out.quant.policy = p;
+       }},
+  };
+}
+
+}  // namespace kvc
