@@ -10,11 +10,19 @@
 #include <string_view>
 #include <vector>
 
+#include "commands.hpp"
 #include "kvc/core/error.hpp"
 #include "kvc/eval/dump.hpp"
 #include "kvc/eval/evaluate.hpp"
 #include "kvc/eval/inspect.hpp"
 #include "kvc/eval/registry.hpp"
+
+namespace kvc::cli {
+std::vector<CalibrateCommand>& calibrate_commands() {
+  static std::vector<CalibrateCommand> commands;
+  return commands;
+}
+}  // namespace kvc::cli
 
 namespace {
 
@@ -26,6 +34,7 @@ usage: kvc <command> [options]
 commands:
   eval      run compression policies on a KV dump and report error, recall and bytes
   inspect   print shapes and realism statistics of a KV dump
+  calibrate compute offline calibration data for a method (kvc calibrate --help)
   help      this text (also: kvc --help, kvc <command> --help)
 )";
 
@@ -164,6 +173,26 @@ int run_inspect(const std::vector<std::string>& args) {
   return 0;
 }
 
+int run_calibrate(const std::vector<std::string>& args) {
+  const auto& commands = kvc::cli::calibrate_commands();
+  std::string names;
+  for (const auto& c : commands) names += (names.empty() ? "" : ", ") + std::string(c.name);
+  if (args.empty() || args[0] == "--help" || args[0] == "-h") {
+    std::string text =
+        "usage: kvc calibrate <method> [options]   (kvc calibrate <method> --help)\n\nmethods:\n";
+    for (const auto& c : commands) text += fmt::format("  {:<10} {}\n", c.name, c.summary);
+    if (commands.empty()) text += "  (none yet)\n";
+    if (args.empty())
+      throw UsageError("calibrate needs a method; methods: " + (names.empty() ? "none" : names));
+    std::cout << text;
+    return 0;
+  }
+  for (const auto& c : commands)
+    if (c.name == args[0]) return c.run(std::vector<std::string>(args.begin() + 1, args.end()));
+  throw UsageError(fmt::format("unknown calibration method '{}'; methods: {}", args[0],
+                               names.empty() ? "none" : names));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -181,7 +210,9 @@ int main(int argc, char** argv) {
     }
     if (command == "eval") return run_eval(args);
     if (command == "inspect") return run_inspect(args);
-    throw UsageError(fmt::format("unknown command '{}'; commands: eval, inspect, help", command));
+    if (command == "calibrate") return run_calibrate(args);
+    throw UsageError(
+        fmt::format("unknown command '{}'; commands: eval, inspect, calibrate, help", command));
   } catch (const UsageError& e) {
     std::cerr << "kvc: error: " << e.what() << '\n';
     return 2;

@@ -79,7 +79,11 @@ PolicyResult evaluate_policy(const KvDump& dump, const std::string& spec,
   std::vector<float> probabilities;
   for (int l = 0; l < dump.layers; ++l) {
     const auto q = dump.q(l), k = dump.k(l), v = dump.v(l);
-    cache.prefill(l, k.slice(1, 0, prefix), v.slice(1, 0, prefix), q.slice(1, 0, prefix));
+    if (dump.has_scores())
+      cache.prefill(l, k.slice(1, 0, prefix), v.slice(1, 0, prefix), q.slice(1, 0, prefix),
+                    dump.scores(l, "external token scores").slice(1, 0, prefix));
+    else
+      cache.prefill(l, k.slice(1, 0, prefix), v.slice(1, 0, prefix), q.slice(1, 0, prefix));
     cache.compress(l);
     const StorageBytes layer_bytes = cache.bytes(l);
     result.bytes += layer_bytes.stored();

@@ -125,6 +125,12 @@ class KVCache<Config, Cpu> {
   void prefill(int layer, HostView<const float, 3> k,  // [Hkv, T, D]
                HostView<const float, 3> v,             // [Hkv, T, D]
                HostView<const float, 3> q) {           // [Hq, Tq, D], Tq may be 0
+    prefill(layer, k, v, q, HostView<const float, 2>{});
+  }
+  // The same, with external per-token scores for policies that take them (Locret).
+  void prefill(int layer, HostView<const float, 3> k, HostView<const float, 3> v,
+               HostView<const float, 3> q,
+               HostView<const float, 2> token_scores) {  // [Hkv, T], or empty
     LayerData& data = layer_data(layer);
     KVC_CHECK(!data.compressed, "prefill(layer ", layer,
               "): the layer is already compressed; prefill comes before compress()");
@@ -133,6 +139,27 @@ class KVCache<Config, Cpu> {
     KVC_CHECK(k.size(1) == v.size(1), "prefill(layer ", layer, "): keys have ", k.size(1),
               " tokens but values have ", v.size(1));
     if (q.size(1) > 0) check_heads("prefill queries", q, shape_.q_heads);
+    const bool has_scores = token_scores.size(1) > 0;
+    KVC_CHECK(!has_scores ||
+                  (token_scores.size(0) == shape_.kv_heads && token_scores.size(1) == k.size(1)),
+              "prefill(layer ", layer, "): token scores must be [", shape_.kv_heads, ", ",
+              k.size(1), "], got [", token_scores.size(0), ", ", token_scores.size(1), "]");
+    KVC_CHECK(data.staged_tokens == 0 || has_scores == !data.staged_scores.empty(),
+              "prefill(layer ", layer,
+              "): give token scores with every prefill chunk or with none");
+    if (has_scores) {
+      std::vector<float> merged(static_cast<std::size_t>(shape_.kv_heads) *
+                                (data.staged_tokens + k.size(1)));
+      for (int h = 0; h < shape_.kv_heads; ++h) {
+        for (std::int64_t t = 0; t < data.staged_tokens; ++t)
+          merged[h * (data.staged_tokens + k.size(1)) + t] =
+              data.staged_scores[h * data.staged_tokens + t];
+        for (std::int64_t t = 0; t < k.size(1); ++t)
+          merged[h * (data.staged_tokens + k.size(1)) + data.staged_tokens + t] =
+              token_scores(h, t);
+      }
+      data.staged_scores.swap(merged);
+    }
     append_heads(data.staged_keys, data.staged_tokens, k);
     append_heads(data.staged_values, data.staged_tokens, v);
     for (std::int64_t t = 0; t < k.size(1); ++t)
@@ -160,6 +187,9 @@ class KVCache<Config, Cpu> {
     in.queries = make_view(static_cast<const float*>(data.staged_queries.data()),
                            {shape_.q_heads, data.staged_query_count, d});
     in.positions = data.staged_positions;
+    if (!data.staged_scores.empty())
+      in.token_scores = make_view(static_cast<const float*>(data.staged_scores.data()),
+                                  {shape_.kv_heads, tokens});
     Selection selection = eviction_.prefill(eviction_state_, in);
     check_selection(layer, selection, tokens);
 
@@ -190,6 +220,7 @@ class KVCache<Config, Cpu> {
     data.staged_values.clear();
     data.staged_queries.clear();
     data.staged_positions.clear();
+    data.staged_scores.clear();
     data.staged_tokens = data.staged_query_count = 0;
     data.compressed = true;
   }
@@ -350,6 +381,7 @@ class KVCache<Config, Cpu> {
     std::vector<float> staged_values;              // [Hkv, T, D]
     std::vector<float> staged_queries;             // [Hq, Tq, D]
     std::vector<std::int32_t> staged_positions;    // [T]
+    std::vector<float> staged_scores;              // [Hkv, T] external token scores, or empty
     std::int64_t staged_tokens = 0;
     std::int64_t staged_query_count = 0;
     std::int32_t next_position = 0;

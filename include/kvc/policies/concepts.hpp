@@ -36,6 +36,9 @@ struct PrefillInput {
   HostView<const float, 3> values;          // [Hkv, T, D]
   HostView<const float, 3> queries;         // [Hq, Tq, D], the last Tq prompt queries (Tq may be 0)
   std::span<const std::int32_t> positions;  // [T] absolute positions of the prompt tokens
+  // External per-token scores supplied by the caller (Locret-style retaining heads), [Hkv, T];
+  // size(1) == 0 when none were given.
+  HostView<const float, 2> token_scores;
 };
 
 // The outcome of a prefill decision: which prompt tokens each storage head keeps. A storage head
