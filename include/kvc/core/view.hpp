@@ -11,6 +11,7 @@
 #include <array>
 #include <cstdint>
 #include <initializer_list>
+#include <type_traits>
 
 #include "kvc/core/error.hpp"
 
@@ -72,8 +73,10 @@ struct View {
     out.shape[dim] = end - begin;
     return out;
   }
-  operator View<const T, Rank, Space>() const {
-    return View<const T, Rank, Space>{data, shape, strides};
+  template <class U = T>
+    requires(!std::is_const_v<U>)
+  operator View<const U, Rank, Space>() const {
+    return View<const U, Rank, Space>{data, shape, strides};
   }
 };
 

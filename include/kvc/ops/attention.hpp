@@ -8,9 +8,11 @@
 // request).
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include "kvc/core/backend.hpp"
+#include "kvc/core/dtype.hpp"
 #include "kvc/core/view.hpp"
 
 namespace kvc::ops {
@@ -39,5 +41,28 @@ void prefill_attention(Cpu, HostView<const float, 3> q,  // [Hq, Tq, D]
                        HostView<const float, 3> v,       // [Hkv, Tk, D]
                        HostView<float, 3> out,           // [Hq, Tq, D]
                        const AttentionOptions& options = {});
+
+// ---- CUDA backend (kvc::cuda) ------------------------------------------------------------------
+// Batched decode attention on the GPU over dense bf16 or f16 K/V: B sequences, each of its own
+// length (lengths[b] tokens of the Tmax rows are used; a sequence of length 0 yields zeros). Query
+// heads of a GQA group share every K/V load; long sequences are split along the tokens
+// (flash-decoding) and merged with a max-subtracted log-sum-exp. fp32 accumulation; the output is
+// rounded to the input dtype. The last dimension must be contiguous and rows 16-byte aligned; the
+// other strides are free. `workspace` holds the split partials: at least
+// decode_attention_workspace_floats(...) floats for the current device, owned by the caller (no
+// hidden allocation). head_dim: 64 or 128; Hq / Hkv: 1, 2, 4 or 8. A length outside [0, Tmax]
+// cannot be checked on the host (lengths live on the device): that sequence's output is NaN.
+std::size_t decode_attention_workspace_floats(int batch, int q_heads, int kv_heads, int head_dim,
+                                              int max_length);
+void decode_attention(Cuda, DeviceView<const bf16, 3> q,          // [B, Hq, D]
+                      DeviceView<const bf16, 4> k,                // [B, Hkv, Tmax, D]
+                      DeviceView<const bf16, 4> v,                // [B, Hkv, Tmax, D]
+                      DeviceView<const std::int32_t, 1> lengths,  // [B] on the device
+                      DeviceView<bf16, 3> out,                    // [B, Hq, D]
+                      DeviceView<float, 1> workspace, const AttentionOptions& options = {});
+void decode_attention(Cuda, DeviceView<const f16, 3> q, DeviceView<const f16, 4> k,
+                      DeviceView<const f16, 4> v, DeviceView<const std::int32_t, 1> lengths,
+                      DeviceView<f16, 3> out, DeviceView<float, 1> workspace,
+                      const AttentionOptions& options = {});
 
 }  // namespace kvc::ops
