@@ -20,7 +20,7 @@ inline void check(cudaError_t status, const char* call, const char* file, int li
     // The runtime also keeps this error as its "last error"; clear it (when not sticky) so that the
     // next launch check does not report it a second time, against the wrong call.
     (void)cudaGetLastError();
-    throw Error(detail::concat(call, " failed: ", cudaGetErrorName(status), ": ",
+    throw CudaError(detail::concat(call, " failed: ", cudaGetErrorName(status), ": ",
                                cudaGetErrorString(status)),
                 file, line);
   }

@@ -28,6 +28,12 @@ class Error : public std::runtime_error {
   int line_;
 };
 
+// A failure reported by the CUDA runtime (a call or a launch), as opposed to a bad argument.
+class CudaError : public Error {
+ public:
+  using Error::Error;
+};
+
 namespace detail {
 template <class... Parts>
 std::string concat(Parts&&... parts) {
