@@ -10,6 +10,7 @@
 #include "kvc/core/backend.hpp"
 #include "kvc/core/view.hpp"
 #include "kvc/ops/attention.hpp"
+#include "random_inputs.hpp"
 
 namespace {
 
@@ -17,13 +18,7 @@ constexpr std::int64_t kQueryHeads = 8;
 constexpr std::int64_t kKvHeads = 2;
 constexpr std::int64_t kHeadDim = 64;
 
-std::vector<float> normal_values(std::size_t count, unsigned seed) {
-  std::mt19937 generator(seed);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> out(count);
-  for (auto& x : out) x = normal(generator);
-  return out;
-}
+using kvc::bench::normal_values;
 
 void decode_attention(benchmark::State& state) {
   const std::int64_t n = state.range(0);

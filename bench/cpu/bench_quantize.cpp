@@ -12,6 +12,7 @@
 #include "kvc/core/dtype.hpp"
 #include "kvc/core/view.hpp"
 #include "kvc/ops/quantize.hpp"
+#include "random_inputs.hpp"
 
 namespace {
 
@@ -19,13 +20,7 @@ constexpr std::int64_t kTokens = 4096;
 constexpr std::int64_t kHeadDim = 128;
 constexpr int kGroup = 32;
 
-std::vector<float> normal_values(std::size_t count, unsigned seed) {
-  std::mt19937 generator(seed);
-  std::normal_distribution<float> normal(0.0f, 1.0f);
-  std::vector<float> out(count);
-  for (auto& x : out) x = normal(generator);
-  return out;
-}
+using kvc::bench::normal_values;
 
 void quantize_keys_per_channel(benchmark::State& state) {
   const int bits = static_cast<int>(state.range(0));
