@@ -21,6 +21,7 @@ namespace {
 
 constexpr int kThreads = 128;
 constexpr int kMinChunk = 256;  // tokens per split at least: amortizes the block's final merge
+constexpr int kMaxSplits = 128;  // bounds the merge kernel's serial loop and its shared memory
 
 template <class T>
 struct DecodeParams {
@@ -185,26 +186,37 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(DecodeParams<T> 
   }
 }
 
-// One block of D threads per (sequence, query head): merges the splits' partials.
+// One block of D threads per (sequence, query head): merges the splits' partials. The splits'
+// maxima and weights go through shared memory once, so the loop over splits issues only the
+// coalesced accumulator loads, several in flight per thread.
 template <class T, int D>
 __global__ void __launch_bounds__(D) decode_merge_kernel(DecodeParams<T> p) {
+  __shared__ float weight[kMaxSplits];
+  __shared__ float total_weight;
   const int b = blockIdx.x / p.q_heads, q_head = blockIdx.x % p.q_heads, d = threadIdx.x;
   const std::int64_t first = (static_cast<std::int64_t>(b) * p.q_heads + q_head) * p.splits;
   const std::int64_t partials = static_cast<std::int64_t>(p.batch) * p.q_heads * p.splits;
   const float* maxima = p.workspace + partials * D + first;
   const float* sums = p.workspace + partials * (D + 1) + first;
-  float global_max = -INFINITY;
-  for (int s = 0; s < p.splits; ++s) global_max = fmaxf(global_max, maxima[s]);
-  float sum = 0.0f, total = 0.0f;
-  if (global_max != -INFINITY) {
+  for (int s = d; s < p.splits; s += D) weight[s] = maxima[s];
+  __syncthreads();
+  if (d == 0) {
+    float global_max = -INFINITY;
+    for (int s = 0; s < p.splits; ++s) global_max = fmaxf(global_max, weight[s]);
+    float sum = 0.0f;
     for (int s = 0; s < p.splits; ++s) {
-      const float w = exp2f(maxima[s] - global_max);
-      sum += sums[s] * w;
-      total += p.workspace[(first + s) * D + d] * w;
+      weight[s] = global_max == -INFINITY ? 0.0f : exp2f(weight[s] - global_max);
+      sum += sums[s] * weight[s];
     }
+    total_weight = sum;
   }
-  float o = sum > 0.0f ? total / sum : 0.0f;
-  if (isnan(p.workspace[first * D + d])) o = NAN;  // invalid length, flagged by the split kernel
+  __syncthreads();
+  float total = 0.0f;
+  const float* acc = p.workspace + first * D + d;
+#pragma unroll 8
+  for (int s = 0; s < p.splits; ++s) total += acc[static_cast<std::int64_t>(s) * D] * weight[s];
+  float o = total_weight > 0.0f ? total / total_weight : 0.0f;
+  if (isnan(acc[0])) o = NAN;  // invalid length, flagged by the split kernel
   p.out[b * p.out_batch + q_head * p.out_head + d] = from_float(o, static_cast<const T*>(nullptr));
 }
 
@@ -229,6 +241,8 @@ SplitPlan plan_splits(int batch, int kv_heads, int max_length) {
   const int wanted = std::max(1, (target_blocks + pairs - 1) / pairs);
   int chunk = (std::max(max_length, 1) + wanted - 1) / wanted;
   chunk = std::max(kMinChunk, (chunk + 63) / 64 * 64);
+  chunk = std::max(chunk, (max_length + kMaxSplits - 1) / kMaxSplits);
+  chunk = (chunk + 63) / 64 * 64;
   plan.chunk = chunk;
   plan.splits = std::max(1, (max_length + chunk - 1) / chunk);
   return plan;
