@@ -136,6 +136,9 @@ PolicyResult evaluate_policy(const KvDump& dump, const std::string& spec,
   result.compression_ratio =
       result.bytes > 0 ? static_cast<double>(result.full_bytes) / static_cast<double>(result.bytes)
                        : 0.0;
+  // full_bytes / 2 bytes per f16 element = the number of K/V elements of the prefix.
+  result.bits_per_value =
+      8.0 * static_cast<double>(result.bytes) / (static_cast<double>(result.full_bytes) / 2.0);
   return result;
 }
 

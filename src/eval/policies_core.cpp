@@ -1,4 +1,4 @@
-// Registry entries of the first policies: full, streamingllm, snapkv, kivi.
+// Registry entries of the first policies: full, streamingllm, snapkv (kivi: policies_quant.cpp).
 #include <string>
 
 #include "registry_internal.hpp"
@@ -14,7 +14,6 @@ const char* gqa_name(GqaMode g) { return g == GqaMode::mean ? "mean" : "repeat";
 std::vector<PolicyEntry> core_policies() {
   const StreamingLlm streaming{};
   const SnapKv snap{};
-  const Kivi kivi{};
   return {
       {{"full", PolicyKind::eviction, "no compression: every token kept in f16", {}},
        [](const ParamReader&, RuntimePolicies& out) { out.eviction.policy = NoEviction{}; }},
@@ -48,26 +47,6 @@ std::vector<PolicyEntry> core_policies() {
          params.read_choice("gqa", p.gqa, {{"mean", GqaMode::mean}, {"repeat", GqaMode::repeat}});
          p.validate();
          out.eviction.policy = p;
-       }},
-      {{"kivi",
-        PolicyKind::quant,
-        "KIVI: keys per channel, values per token, asymmetric min-max, f16 residual",
-        {{"bits", std::to_string(kivi.key_bits), "key and value bits (2, 4, 8)"},
-         {"kbits", std::to_string(kivi.key_bits), "key bits, overrides bits"},
-         {"vbits", std::to_string(kivi.value_bits), "value bits, overrides bits"},
-         {"group", std::to_string(kivi.group), "group size G"},
-         {"residual", std::to_string(kivi.residual), "full-precision residual R (multiple of G)"}}},
-       [](const ParamReader& params, RuntimePolicies& out) {
-         Kivi p;
-         int bits = p.key_bits;
-         params.read_int("bits", bits);
-         p.key_bits = p.value_bits = bits;
-         params.read_int("kbits", p.key_bits);
-         params.read_int("vbits", p.value_bits);
-         params.read_int("group", p.group);
-         params.read_int("residual", p.residual);
-         p.validate();
-         out.quant.policy = p;
        }},
   };
 }

@@ -10,6 +10,7 @@
 // parameters were already rejected), validates the policy and stores it in its slot.
 #pragma once
 
+#include <cstdio>
 #include <initializer_list>
 #include <string>
 #include <utility>
@@ -21,6 +22,13 @@
 namespace kvc {
 
 std::string join_names(const std::vector<std::string>& names);
+
+// A floating-point default as a user would type it in a spec: 0.5, 64, 0.125 (not 0.500000).
+inline std::string default_text(double value) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%g", value);
+  return text;
+}
 
 class ParamReader {
  public:
@@ -61,6 +69,13 @@ struct PolicyEntry {
 };
 
 // The families; each returns its entries in the order `kvc eval --help` lists them.
-std::vector<PolicyEntry> core_policies();  // full, streamingllm, snapkv, kivi
+std::vector<PolicyEntry> core_policies();   // full, streamingllm, snapkv
+std::vector<PolicyEntry> quant_policies();  // kivi, int8, int4, fp8
+// h2o, tova, knorm, pyramidkv, adakv, windowkv (policies_scored.cpp)
+std::vector<PolicyEntry> scored_eviction_policies();
+std::vector<PolicyEntry> calibrated_quant_policies();  // cq (policies_quant_calibrated.cpp)
+
+// duoattention, locret, prefixkv, moa (policies_external.cpp)
+std::vector<PolicyEntry> external_eviction_policies();
 
 }  // namespace kvc

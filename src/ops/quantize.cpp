@@ -217,4 +217,77 @@ void dequantize_values_per_token(Cpu, HostView<const std::uint32_t, 2> packed,
     }
 }
 
+// ---- Per-token formats: parameter dtypes, symmetric quantizer, FP8 (quant-formats) --------------
+
+AffineParams quantize_minmax(Cpu, std::span<const float> x, int bits, ParamDType dtype,
+                             std::span<std::uint8_t> codes) {
+  constexpr const char* kOp = "quantize_minmax";
+  check_bits(kOp, bits);
+  KVC_CHECK(!x.empty(), kOp, ": the group is empty; need at least one element");
+  KVC_CHECK(codes.size() == x.size(), kOp, ": codes has ", codes.size(),
+            " elements for a group of ", x.size(), "; need one code per element");
+  if (dtype == ParamDType::f16) {
+    const GroupParams p = quantize_checked(kOp, x, bits, codes);
+    return {static_cast<float>(p.scale), static_cast<float>(p.minimum)};
+  }
+  float lo = x[0], hi = x[0];
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    KVC_CHECK(std::isfinite(x[i]), kOp, ": x[", i, "] = ", x[i],
+              " is not finite; inputs must be finite numbers");
+    lo = std::min(lo, x[i]);
+    hi = std::max(hi, x[i]);
+  }
+  const float top = static_cast<float>((1 << bits) - 1);
+  const AffineParams p{(hi - lo) / top, lo};
+  KVC_CHECK(std::isfinite(p.scale), kOp, ": group min = ", lo, ", max = ", hi,
+            " gives a range outside fp32");
+  for (std::size_t i = 0; i < x.size(); ++i)
+    codes[i] = p.scale == 0.0f ? 0
+                               : static_cast<std::uint8_t>(std::nearbyint(
+                                     std::clamp((x[i] - p.minimum) / p.scale, 0.0f, top)));
+  return p;
+}
+
+float quantize_symmetric(Cpu, std::span<const float> x, int bits, ParamDType dtype,
+                         std::span<std::int8_t> codes) {
+  constexpr const char* kOp = "quantize_symmetric";
+  KVC_CHECK(bits == 2 || bits == 4 || bits == 8, kOp, ": bits = ", bits,
+            " is not supported; allowed: {2, 4, 8}");
+  KVC_CHECK(!x.empty(), kOp, ": the group is empty; need at least one element");
+  KVC_CHECK(codes.size() == x.size(), kOp, ": codes has ", codes.size(),
+            " elements for a group of ", x.size(), "; need one code per element");
+  float amax = 0.0f;
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    KVC_CHECK(std::isfinite(x[i]), kOp, ": x[", i, "] = ", x[i],
+              " is not finite; inputs must be finite numbers");
+    amax = std::max(amax, std::fabs(x[i]));
+  }
+  const float qmax = static_cast<float>((1 << (bits - 1)) - 1);
+  const float scale = round_param(amax / qmax, dtype);
+  KVC_CHECK(std::isfinite(scale), kOp, ": max|x| = ", amax, " at ", bits,
+            " bits gives a scale outside the parameter dtype's range (f16: max|x| / qmax <= "
+            "65504)");
+  for (std::size_t i = 0; i < x.size(); ++i)
+    codes[i] =
+        scale == 0.0f
+            ? 0
+            : static_cast<std::int8_t>(std::nearbyint(std::clamp(x[i] / scale, -qmax, qmax)));
+  return scale;
+}
+
+void quantize_fp8(Cpu, std::span<const float> x, float scale, Fp8Kind kind,
+                  std::span<std::uint8_t> codes) {
+  constexpr const char* kOp = "quantize_fp8";
+  KVC_CHECK(std::isfinite(scale) && scale > 0.0f, kOp, ": scale = ", scale,
+            " is not allowed; need a finite scale > 0");
+  KVC_CHECK(codes.size() == x.size(), kOp, ": codes has ", codes.size(), " elements for ", x.size(),
+            " inputs; need one code per element");
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    KVC_CHECK(std::isfinite(x[i]), kOp, ": x[", i, "] = ", x[i],
+              " is not finite; inputs must be finite numbers");
+    codes[i] = fp8_encode(kind, x[i] / scale);
+  }
+}
+// ---- end of per-token formats -------------------------------------------------------------------
+
 }  // namespace kvc::ops

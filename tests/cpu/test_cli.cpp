@@ -19,78 +19,35 @@
 #include "kvc/ops/quantize.hpp"
 #include "kvc/ops/scores.hpp"
 #include "kvc/ops/select.hpp"
+#include "tool_runner.hpp"
 
 namespace fs = std::filesystem;
+
+using namespace kvc_test;
 
 namespace {
 
 const fs::path kData = fs::path(KVC_TEST_DATA_DIR) / "seq0";
 
-struct Run {
-  int code = -1;
-  std::string out;  // stdout
-  std::string err;  // stderr
-};
-
-std::string read_text(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-// Runs the tool with the given argument string (shell-quoted by the caller).
-Run kvc_tool(const std::string& args) {
-  static int counter = 0;
-  const fs::path dir = fs::temp_directory_path() / "kvc_cli_tests";
-  fs::create_directories(dir);
-  const fs::path out = dir / ("out" + std::to_string(counter) + ".txt");
-  const fs::path err = dir / ("err" + std::to_string(counter++) + ".txt");
-  const std::string command = std::string("\"") + KVC_TOOL_PATH + "\" " + args + " >\"" +
-                              out.string() + "\" 2>\"" + err.string() + "\"";
-  const int status = std::system(command.c_str());
-  Run r;
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  r.out = read_text(out);
-  r.err = read_text(err);
-  return r;
-}
-
-fs::path fresh_dir(const std::string& name) {
-  const fs::path dir = fs::temp_directory_path() / "kvc_cli_tests" / name;
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir;
-}
-
-// Requires a failing run that printed exactly one line on stderr containing `needle`.
-void require_one_line_error(const Run& r, const std::string& needle) {
-  INFO("stderr: " << r.err);
-  REQUIRE(r.code != 0);
-  REQUIRE(r.err.find(needle) != std::string::npos);
-  REQUIRE(r.err.rfind("kvc: error: ", 0) == 0);
-  REQUIRE(std::count(r.err.begin(), r.err.end(), '\n') == 1);
-}
-
 }  // namespace
 
 TEST_CASE("kvc --help and every subcommand's --help", "[cli]") {
   for (const char* args : {"--help", "help", "eval --help", "inspect --help"}) {
-    const Run r = kvc_tool(args);
+    const ToolRun r = run_tool(args);
     INFO(args);
     REQUIRE(r.code == 0);
     REQUIRE(r.out.find("usage: kvc") != std::string::npos);
   }
-  const Run eval_help = kvc_tool("eval --help");
+  const ToolRun eval_help = run_tool("eval --help");
   for (const char* name :
        {"full", "streamingllm(sink=4,recent=512)", "snapkv(budget=2048", "kivi(bits=2"})
     REQUIRE(eval_help.out.find(name) != std::string::npos);
-  const Run none = kvc_tool("");
+  const ToolRun none = run_tool("");
   REQUIRE(none.code != 0);
 }
 
 TEST_CASE("kvc eval on the bundled real data: table and JSON", "[cli]") {
-  const fs::path dir = fresh_dir("eval_json");
+  const fs::path dir = scratch_dir("eval_json");
   const std::string specs[] = {
       "full",
       "streamingllm(sink=4,recent=124)",
@@ -101,7 +58,7 @@ TEST_CASE("kvc eval on the bundled real data: table and JSON", "[cli]") {
   std::string args =
       "eval --data \"" + kData.string() + "\" --json \"" + (dir / "r.json").string() + "\"";
   for (const auto& s : specs) args += " --policy '" + s + "'";
-  const Run r = kvc_tool(args);
+  const ToolRun r = run_tool(args);
   INFO(r.err);
   REQUIRE(r.code == 0);
   for (const auto& s : specs) REQUIRE(r.out.find(s) != std::string::npos);
@@ -121,6 +78,9 @@ TEST_CASE("kvc eval on the bundled real data: table and JSON", "[cli]") {
     REQUIRE(p.at("layers").size() == 8);
     REQUIRE(p.at("compression_ratio").as_number() ==
             Approx(double(full_bytes) / p.at("bytes").as_number()).epsilon(1e-12));
+    // Stored bits per K/V element of the prefix: 8 * bytes / (full_bytes / 2).
+    REQUIRE(p.at("bits_per_value").as_number() ==
+            Approx(8.0 * p.at("bytes").as_number() / (full_bytes / 2)).epsilon(1e-12));
     std::int64_t layer_bytes = 0;
     for (const auto& l : p.at("layers").as_array()) layer_bytes += l.at("bytes").as_int64();
     REQUIRE(layer_bytes == p.at("bytes").as_int64());
@@ -129,6 +89,7 @@ TEST_CASE("kvc eval on the bundled real data: table and JSON", "[cli]") {
   REQUIRE(full.at("rel_error").as_number() == 0.0);
   REQUIRE(full.at("attn_recall").as_number() == Approx(1.0).epsilon(1e-6));
   REQUIRE(full.at("compression_ratio").as_number() == 1.0);
+  REQUIRE(full.at("bits_per_value").as_number() == 16.0);
   REQUIRE(full.at("index_bytes").as_int64() == 8LL * 2 * 384 * 4);
   // StreamingLLM after prefill: 4 + 124 tokens per head of 384.
   REQUIRE(policies[1].at("bytes").as_int64() == 8LL * 2 * 128 * 64 * 2 * 2);
@@ -160,9 +121,9 @@ TEST_CASE("kvc eval on the bundled real data: table and JSON", "[cli]") {
 
 TEST_CASE("kvc eval --dump matches SnapKV's selection and KIVI's quantizer on the real data",
           "[cli]") {
-  const fs::path dir = fresh_dir("eval_dump");
-  const Run r =
-      kvc_tool("eval --data \"" + kData.string() + "\" --prefix 300 --dump \"" + dir.string() +
+  const fs::path dir = scratch_dir("eval_dump");
+  const ToolRun r =
+      run_tool("eval --data \"" + kData.string() + "\" --prefix 300 --dump \"" + dir.string() +
                "\" --policy 'snapkv(budget=96,window=16,kernel=7,pool=max)'"
                " --policy 'kivi(bits=2,group=32,residual=64)'");
   INFO(r.err);
@@ -224,7 +185,7 @@ TEST_CASE("kvc eval --dump matches SnapKV's selection and KIVI's quantizer on th
 }
 
 TEST_CASE("kvc inspect on the bundled real data", "[cli]") {
-  const Run r = kvc_tool("inspect \"" + kData.string() + "\"");
+  const ToolRun r = run_tool("inspect \"" + kData.string() + "\"");
   INFO(r.err);
   REQUIRE(r.code == 0);
   REQUIRE(r.out.find("layers 8  q_heads 8  kv_heads 2  tokens 512  head_dim 64") !=
@@ -236,49 +197,49 @@ TEST_CASE("kvc inspect on the bundled real data", "[cli]") {
 
 TEST_CASE("kvc eval error paths print one clear line", "[cli]") {
   const std::string data = "eval --data \"" + kData.string() + "\" ";
-  require_one_line_error(kvc_tool("eval --data /nonexistent/dump --policy full"),
+  require_one_line_error(run_tool("eval --data /nonexistent/dump --policy full"),
                          "/nonexistent/dump");
-  require_one_line_error(kvc_tool(data + "--policy 'h2x(budget=3)'"),
+  require_one_line_error(run_tool(data + "--policy 'h2x(budget=3)'"),
                          "valid policies: full, streamingllm, snapkv, kivi");
-  require_one_line_error(kvc_tool(data + "--policy 'snapkv(budgte=3)'"),
+  require_one_line_error(run_tool(data + "--policy 'snapkv(budgte=3)'"),
                          "valid parameters: budget, window, kernel, pool, gqa");
-  require_one_line_error(kvc_tool(data + "--policy 'snapkv(budget=0)'"),
+  require_one_line_error(run_tool(data + "--policy 'snapkv(budget=0)'"),
                          "budget must be > 0, got 0");
-  require_one_line_error(kvc_tool(data + "--policy 'snapkv(budget=-4)'"),
+  require_one_line_error(run_tool(data + "--policy 'snapkv(budget=-4)'"),
                          "budget must be > 0, got -4");
-  require_one_line_error(kvc_tool(data + "--policy full --prefix 512"),
+  require_one_line_error(run_tool(data + "--policy full --prefix 512"),
                          "prefix = 512 out of range");
-  require_one_line_error(kvc_tool(data + "--policy full --prefix 0"), "prefix = 0 out of range");
-  require_one_line_error(kvc_tool(data + "--policy full --prefix abc"), "'abc' is not an integer");
-  require_one_line_error(kvc_tool(data + "--policy full --bogus"), "unknown option '--bogus'");
-  require_one_line_error(kvc_tool("eval --policy full"), "needs --data");
-  require_one_line_error(kvc_tool(data), "needs at least one --policy");
-  require_one_line_error(kvc_tool("frobnicate"), "unknown command 'frobnicate'");
+  require_one_line_error(run_tool(data + "--policy full --prefix 0"), "prefix = 0 out of range");
+  require_one_line_error(run_tool(data + "--policy full --prefix abc"), "'abc' is not an integer");
+  require_one_line_error(run_tool(data + "--policy full --bogus"), "unknown option '--bogus'");
+  require_one_line_error(run_tool("eval --policy full"), "needs --data");
+  require_one_line_error(run_tool(data), "needs at least one --policy");
+  require_one_line_error(run_tool("frobnicate"), "unknown command 'frobnicate'");
 
   const kvc::KvDump dump = kvc::load_dump(kData);
   SECTION("truncated tensor") {
-    const fs::path dir = fresh_dir("truncated");
+    const fs::path dir = scratch_dir("truncated");
     for (const char* f : {"q.npy", "k.npy", "v.npy", "meta.json"})
       fs::copy_file(kData / f, dir / f);
     fs::resize_file(dir / "k.npy", fs::file_size(dir / "k.npy") - 100);
-    require_one_line_error(kvc_tool("eval --data \"" + dir.string() + "\" --policy full"), "k.npy");
+    require_one_line_error(run_tool("eval --data \"" + dir.string() + "\" --policy full"), "k.npy");
   }
   SECTION("mis-shaped tensor") {
-    const fs::path dir = fresh_dir("misshaped");
+    const fs::path dir = scratch_dir("misshaped");
     for (const char* f : {"q.npy", "k.npy", "meta.json"}) fs::copy_file(kData / f, dir / f);
     auto v = dump.v_all;
     v.resize(v.size() / 2);  // [8, 2, 256, 64]
     kvc::write_npy(dir / "v.npy", kvc::Array::from_float(v, {8, 2, 256, 64}, kvc::DType::f16));
-    require_one_line_error(kvc_tool("eval --data \"" + dir.string() + "\" --policy full"),
+    require_one_line_error(run_tool("eval --data \"" + dir.string() + "\" --policy full"),
                            "[8, 2, 256, 64]");
   }
   SECTION("NaN in a tensor names layer, head and token") {
-    const fs::path dir = fresh_dir("nan");
+    const fs::path dir = scratch_dir("nan");
     kvc::KvDump broken = dump;
     // layer 3, KV head 1, token 77, channel 5 of k [L, Hkv, T, D]
     broken.k_all[((3 * 2 + 1) * 512 + 77) * 64 + 5] = NAN;
     kvc::save_dump(dir, broken);
-    const Run r = kvc_tool("eval --data \"" + dir.string() + "\" --policy full");
+    const ToolRun r = run_tool("eval --data \"" + dir.string() + "\" --policy full");
     require_one_line_error(r, "layer 3");
     REQUIRE(r.err.find("head 1") != std::string::npos);
     REQUIRE(r.err.find("token 77") != std::string::npos);

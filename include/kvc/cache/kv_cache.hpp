@@ -195,11 +195,16 @@ class KVCache<Config, Cpu> {
 
     const int storage_heads = static_cast<int>(selection.keep.size());
     data.heads.assign(storage_heads, typename Quant::HeadStore{});
+    // A Quant that keeps evicted tokens (MiKV) receives every prompt token plus the kept set.
+    const bool ranked = quant_keeps_evicted();
+    std::vector<std::int32_t> every_token(ranked ? tokens : 0);
+    for (std::size_t i = 0; i < every_token.size(); ++i)
+      every_token[i] = static_cast<std::int32_t>(i);
     data.source_head = selection.source_head;
     std::vector<float> keys, values;
     std::vector<std::int32_t> positions;
     for (int s = 0; s < storage_heads; ++s) {
-      const auto& keep = selection.keep[s];
+      const auto& keep = ranked ? every_token : selection.keep[s];
       const auto n = static_cast<std::int64_t>(keep.size());
       keys.resize(static_cast<std::size_t>(n) * d);
       values.resize(static_cast<std::size_t>(n) * d);
@@ -211,6 +216,27 @@ class KVCache<Config, Cpu> {
         for (int c = 0; c < d; ++c) {
           keys[i * d + c] = src_k(keep[i], c);
           values[i * d + c] = src_v(keep[i], c);
+        }
+      }
+      // Stores whose parameters depend on the layer and head (CQ codebooks) or on the whole
+      // layer's prompt keys (VidKV's channel ranking, pooled over KV heads) learn them first.
+      if constexpr (requires { data.heads[s].see_layer(quant_, in.keys); })
+        data.heads[s].see_layer(quant_, in.keys);
+      if constexpr (requires { data.heads[s].locate(quant_, layer, selection.source_head[s]); })
+        data.heads[s].locate(quant_, layer, selection.source_head[s]);
+      // Stores with layer-wide parameters (FP8 per-tensor scales) see the whole prefill first.
+      if constexpr (requires { data.heads[s].see_layer(quant_, in.keys, in.values); })
+        data.heads[s].see_layer(quant_, in.keys, in.values);
+      if constexpr (requires {
+                      data.heads[s].load_ranked(quant_, in.keys.sub(0), in.keys.sub(0), positions,
+                                                keep);
+                    }) {
+        if (ranked) {
+          data.heads[s].load_ranked(quant_,
+                                    make_view(static_cast<const float*>(keys.data()), {n, d}),
+                                    make_view(static_cast<const float*>(values.data()), {n, d}),
+                                    positions, selection.keep[s]);
+          continue;
         }
       }
       data.heads[s].load(quant_, make_view(static_cast<const float*>(keys.data()), {n, d}),
@@ -314,18 +340,44 @@ class KVCache<Config, Cpu> {
   // The decode-time part of the pipeline, after the step's forward: eviction, then quant flushes.
   void step(int layer) {
     LayerData& data = ready_layer(layer, "step");
+    // With a Quant that keeps evicted tokens (MiKV), eviction sees only the active
+    // (high-precision) tokens: their counts and their attention columns, and what it drops is
+    // demoted instead of removed.
+    const bool ranked = quant_keeps_evicted();
     std::vector<int> sizes;
-    for (const auto& store : data.heads) sizes.push_back(store.size());
+    for (const auto& store : data.heads)
+      sizes.push_back(ranked ? active_count(store) : store.size());
+    std::vector<std::vector<float>> active_probabilities;
+    if (ranked && data.has_observation) {
+      active_probabilities.resize(data.heads.size());
+      for (std::size_t s = 0; s < data.heads.size(); ++s) {
+        const int n = data.heads[s].size();
+        const auto& p = data.observed[s];  // [g', n]
+        for (std::size_t r = 0; r < p.size() / std::max(n, 1); ++r)
+          for (int j = 0; j < n; ++j)
+            if (is_active(data.heads[s], j)) active_probabilities[s].push_back(p[r * n + j]);
+      }
+    }
     DecodeInput in;
     in.layer = layer;
     in.num_layers = shape_.layers;
     in.head_sizes = sizes;
-    in.probabilities = data.has_observation ? &data.observed : nullptr;
+    in.probabilities = !data.has_observation ? nullptr
+                       : ranked              ? &active_probabilities
+                                             : &data.observed;
     DecodeKeep keep = eviction_.decode(eviction_state_, in);
     if (keep) {
       KVC_CHECK(keep->size() == data.heads.size(), policy_name(eviction_), " returned ",
                 keep->size(), " keep sets for ", data.heads.size(), " storage heads");
-      for (std::size_t s = 0; s < data.heads.size(); ++s) data.heads[s].gather((*keep)[s]);
+      for (std::size_t s = 0; s < data.heads.size(); ++s) {
+        if constexpr (requires { data.heads[s].demote(quant_, (*keep)[s]); }) {
+          if (ranked) {
+            data.heads[s].demote(quant_, (*keep)[s]);
+            continue;
+          }
+        }
+        data.heads[s].gather((*keep)[s]);
+      }
     }
     for (auto& store : data.heads) store.after_step(quant_);
     data.observed.clear();
@@ -389,6 +441,26 @@ class KVCache<Config, Cpu> {
     std::vector<std::vector<float>> observed;  // [S][g', n_s] this step's probabilities
     bool has_observation = false;
   };
+
+  // MiKV-style Quant policies keep the tokens eviction drops (at low precision).
+  bool quant_keeps_evicted() const {
+    if constexpr (requires { quant_.keeps_evicted(); })
+      return quant_.keeps_evicted();
+    else
+      return false;
+  }
+  static int active_count(const typename Quant::HeadStore& store) {
+    if constexpr (requires { store.active_count(); })
+      return store.active_count();
+    else
+      return store.size();
+  }
+  static bool is_active(const typename Quant::HeadStore& store, int i) {
+    if constexpr (requires { store.is_active(i); })
+      return store.is_active(i);
+    else
+      return true;
+  }
 
   template <class Arg>
   void assign(const Arg& arg) {

@@ -14,6 +14,8 @@
 //   attn_recall = mean over steps and query heads of o_f's attention mass on tokens still cached
 //   bytes       = payload + quantization parameters held right after prefill compression
 //   full_bytes  = f16 K + V of the prefix; compression_ratio = full_bytes / bytes
+//   bits_per_value = 8 * bytes / (2 * L * Hkv * prefix * D): stored bits (payload + scales) per K/V
+//                 element of the prefix (16 for full)
 //   index_bytes = the int32 positions, reported apart
 #pragma once
 
@@ -47,6 +49,7 @@ struct PolicyResult {
   std::int64_t bytes = 0;
   std::int64_t full_bytes = 0;
   double compression_ratio = 0;
+  double bits_per_value = 0;
   std::int64_t index_bytes = 0;
   std::vector<LayerResult> layers;
 };

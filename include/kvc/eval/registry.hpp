@@ -15,15 +15,31 @@
 
 #include "kvc/cache/kv_cache.hpp"
 #include "kvc/policies/any.hpp"
+#include "kvc/policies/eviction/adakv.hpp"
+#include "kvc/policies/eviction/duo_attention.hpp"
+#include "kvc/policies/eviction/h2o.hpp"
+#include "kvc/policies/eviction/knorm.hpp"
+#include "kvc/policies/eviction/locret.hpp"
+#include "kvc/policies/eviction/moa.hpp"
+#include "kvc/policies/eviction/prefixkv.hpp"
+#include "kvc/policies/eviction/pyramidkv.hpp"
 #include "kvc/policies/eviction/snapkv.hpp"
 #include "kvc/policies/eviction/streaming_llm.hpp"
+#include "kvc/policies/eviction/tova.hpp"
+#include "kvc/policies/eviction/windowkv.hpp"
+#include "kvc/policies/quant/coupled.hpp"
 #include "kvc/policies/quant/dense.hpp"
+#include "kvc/policies/quant/fp8.hpp"
+#include "kvc/policies/quant/int_per_token.hpp"
 #include "kvc/policies/quant/kivi.hpp"
+#include "kvc/policies/quant/mikv.hpp"
+#include "kvc/policies/quant/vidkv.hpp"
 
 namespace kvc {
 
-using RuntimeEviction = AnyEviction<NoEviction, StreamingLlm, SnapKv>;
-using RuntimeQuant = AnyQuant<NoQuant, Kivi>;
+using RuntimeEviction = AnyEviction<NoEviction, StreamingLlm, SnapKv, H2o, Tova, Knorm, PyramidKv,
+                                    AdaKv, DuoAttention, Locret, PrefixKv, Moa, WindowKv>;
+using RuntimeQuant = AnyQuant<NoQuant, Kivi, IntPerToken, Fp8, CoupledQuant, VidKv, Mikv>;
 
 struct RuntimeConfig : DefaultConfig {
   using Eviction = RuntimeEviction;

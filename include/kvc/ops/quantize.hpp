@@ -72,4 +72,62 @@ void dequantize_values_per_token(Cpu, HostView<const std::uint32_t, 2> packed,
                                  HostView<const f16, 2> scale, HostView<const f16, 2> minimum,
                                  int bits, int group, HostView<float, 2> values);  // [n, D]
 
+// ---- Per-token formats: parameter dtypes, symmetric quantizer, FP8 (quant-formats) --------------
+// Used by the per-token INT8/INT4 and FP8 policies and by KIVI's scale-dtype option.
+//
+//   float s = kvc::ops::quantize_symmetric(kvc::Cpu{}, row, 8, kvc::ops::ParamDType::f16, codes);
+//   std::uint8_t e = kvc::ops::fp8_encode(kvc::ops::Fp8Kind::e4m3, x / scale);   // saturating
+
+// The dtype quantization parameters (scales, minimums) are stored in.
+enum class ParamDType { f16, f32 };
+inline float round_param(float x, ParamDType dtype) {
+  return dtype == ParamDType::f16 ? round_through<f16>(x) : x;
+}
+constexpr int param_bytes(ParamDType dtype) { return dtype == ParamDType::f16 ? 2 : 4; }
+
+// Asymmetric min-max parameters as stored (already rounded to their dtype).
+struct AffineParams {
+  float scale;
+  float minimum;
+};
+// The P5 quantizer with parameters stored as `dtype`: scale = dtype((max - min) / (2^b - 1)),
+// minimum = dtype(min), code = round_half_to_even(clamp((x - minimum) / scale, 0, 2^b - 1)),
+// code 0 when scale == 0. With f16 it returns exactly what quantize_group does.
+AffineParams quantize_minmax(Cpu, std::span<const float> x, int bits, ParamDType dtype,
+                             std::span<std::uint8_t> codes);
+inline float dequantize_affine(std::uint32_t code, AffineParams p) {
+  return static_cast<float>(code) * p.scale + p.minimum;
+}
+
+// Symmetric (absmax) quantizer, b in {2, 4, 8}, qmax = 2^(b-1) - 1 (127 at 8 bits, 7 at 4):
+// scale = dtype(max|x| / qmax), code = round_half_to_even(clamp(x / scale, -qmax, qmax)), code 0
+// when scale == 0. The code -2^(b-1) is never produced. Returns the stored scale.
+float quantize_symmetric(Cpu, std::span<const float> x, int bits, ParamDType dtype,
+                         std::span<std::int8_t> codes);
+// Signed codes live in their b-bit field as two's complement.
+KVC_HOST_DEVICE constexpr std::uint32_t signed_field(int code, int bits) {
+  return static_cast<std::uint32_t>(code) & ((1u << bits) - 1u);
+}
+KVC_HOST_DEVICE constexpr int field_signed(std::uint32_t field, int bits) {
+  return field >= (1u << (bits - 1)) ? static_cast<int>(field) - (1 << bits)
+                                     : static_cast<int>(field);
+}
+
+// OCP FP8 kinds (kvc::fp8_e4m3 / kvc::fp8_e5m2): saturating encode, NaN kept (callers reject NaN
+// and infinities before encoding).
+enum class Fp8Kind { e4m3, e5m2 };
+inline float fp8_max(Fp8Kind kind) { return kind == Fp8Kind::e4m3 ? 448.0f : 57344.0f; }
+inline std::uint8_t fp8_encode(Fp8Kind kind, float x) {
+  return kind == Fp8Kind::e4m3 ? fp8_e4m3(x).bits : fp8_e5m2(x).bits;
+}
+inline float fp8_decode(Fp8Kind kind, std::uint8_t code) {
+  return kind == Fp8Kind::e4m3 ? static_cast<float>(fp8_e4m3::from_bits(code))
+                               : static_cast<float>(fp8_e5m2::from_bits(code));
+}
+// codes[i] = fp8(x[i] / scale) (fp32 division, then round to nearest even, saturating at
+// +-fp8_max). scale must be finite and > 0; every x[i] must be finite.
+void quantize_fp8(Cpu, std::span<const float> x, float scale, Fp8Kind kind,
+                  std::span<std::uint8_t> codes);
+// ---- end of per-token formats -------------------------------------------------------------------
+
 }  // namespace kvc::ops

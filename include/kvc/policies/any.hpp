@@ -88,6 +88,17 @@ struct AnyQuant {
   bool supports_decode_eviction() const {
     return std::visit([](const auto& p) { return p.supports_decode_eviction(); }, policy);
   }
+  // Policies that keep evicted tokens at lower precision (MiKV); false for the others.
+  bool keeps_evicted() const {
+    return std::visit(
+        [](const auto& p) {
+          if constexpr (requires { p.keeps_evicted(); })
+            return p.keeps_evicted();
+          else
+            return false;
+        },
+        policy);
+  }
 
   class HeadStore {
    public:
@@ -97,6 +108,68 @@ struct AnyQuant {
     }
     void append(const AnyQuant& q, const float* key, const float* value, std::int32_t position) {
       with(q, [&](const auto& p, auto& store) { store.append(p, key, value, position); });
+    }
+    // Tells the store its (layer, KV head), for stores whose parameters depend on it (CQ
+    // codebooks).
+    void locate(const AnyQuant& q, int layer, int kv_head) {
+      with(q, [&](const auto& p, auto& store) {
+        if constexpr (requires { store.locate(p, layer, kv_head); })
+          store.locate(p, layer, kv_head);
+      });
+    }
+    // Shows the store the layer's whole prefill (keys, values [Hkv, T, D]), for layer-wide
+    // parameters (FP8 per-tensor scales).
+    void see_layer(const AnyQuant& q, HostView<const float, 3> keys,
+                   HostView<const float, 3> values) {
+      with(q, [&](const auto& p, auto& store) {
+        if constexpr (requires { store.see_layer(p, keys, values); })
+          store.see_layer(p, keys, values);
+      });
+    }
+    // Shows the store the prompt keys of every KV head of its layer [Hkv, T, D] (VidKV).
+    void see_layer(const AnyQuant& q, HostView<const float, 3> keys) {
+      with(q, [&](const auto& p, auto& store) {
+        if constexpr (requires { store.see_layer(p, keys); }) store.see_layer(p, keys);
+      });
+    }
+    // MiKV forwarding: every token plus the kept set; active (high-precision) tokens; demotion.
+    void load_ranked(const AnyQuant& q, HostView<const float, 2> keys,
+                     HostView<const float, 2> values, std::span<const std::int32_t> positions,
+                     std::span<const std::int32_t> kept) {
+      with(q, [&](const auto& p, auto& store) {
+        if constexpr (requires { store.load_ranked(p, keys, values, positions, kept); })
+          store.load_ranked(p, keys, values, positions, kept);
+        else
+          KVC_FAIL(std::decay_t<decltype(p)>::kName, " does not keep evicted tokens");
+      });
+    }
+    int active_count() const {
+      return std::visit(
+          [](const auto& s) {
+            if constexpr (requires { s.active_count(); })
+              return s.active_count();
+            else
+              return s.size();
+          },
+          store_);
+    }
+    bool is_active(int i) const {
+      return std::visit(
+          [&](const auto& s) {
+            if constexpr (requires { s.is_active(i); })
+              return s.is_active(i);
+            else
+              return true;
+          },
+          store_);
+    }
+    void demote(const AnyQuant& q, std::span<const std::int32_t> keep) {
+      with(q, [&](const auto& p, auto& store) {
+        if constexpr (requires { store.demote(p, keep); })
+          store.demote(p, keep);
+        else
+          KVC_FAIL(std::decay_t<decltype(p)>::kName, " cannot demote tokens");
+      });
     }
     void after_step(const AnyQuant& q) {
       with(q, [&](const auto& p, auto& store) { store.after_step(p); });

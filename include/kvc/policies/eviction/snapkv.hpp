@@ -30,6 +30,74 @@ namespace kvc {
 
 enum class GqaMode { mean, repeat };
 
+// Observation-window scores of the T - W prefix tokens, reduced to one row per storage head and
+// pooled (P1, P2, P4): [S, T - W] with S = Hkv (gqa = mean: the group's query heads averaged,
+// reduce before pool) or S = Hq (gqa = repeat). Shared by SnapKV, PyramidKV and AdaKV.
+inline std::vector<float> snapkv_pooled_scores(
+    const PrefillInput& in, int window, int kernel, ops::Pool pool, GqaMode gqa, const char* who,
+    ops::ScoreReduction reduction = ops::ScoreReduction::sum) {
+  const int kv_heads = static_cast<int>(in.keys.size(0));
+  const int q_heads = static_cast<int>(in.queries.size(0));
+  const std::int64_t tokens = in.keys.size(1);
+  const int storage_heads = gqa == GqaMode::repeat ? q_heads : kv_heads;
+  KVC_CHECK(in.queries.size(1) >= window, who, ": needs the last window = ", window,
+            " prompt queries, the prefill gave ", in.queries.size(1));
+  KVC_CHECK(tokens > window, who, ": needs more than window = ", window, " prompt tokens, got ",
+            tokens);
+  const int group = q_heads / kv_heads;
+  const std::int64_t prefix = tokens - window;
+  std::vector<float> scores(static_cast<std::size_t>(q_heads) * prefix);  // [Hq, T - W]
+  ops::WindowScoreOptions options;
+  options.reduction = reduction;
+  ops::window_scores(Cpu{}, in.queries.slice(1, in.queries.size(1) - window, in.queries.size(1)),
+                     in.keys, make_view(scores.data(), {q_heads, prefix}), options);
+
+  // Per storage head scores: the query head's own (repeat) or the group mean (mean).
+  std::vector<float> reduced(static_cast<std::size_t>(storage_heads) * prefix);  // [S, T - W]
+  for (int s = 0; s < storage_heads; ++s) {
+    for (std::int64_t j = 0; j < prefix; ++j) {
+      if (gqa == GqaMode::repeat) {
+        reduced[s * prefix + j] = scores[s * prefix + j];
+      } else {
+        double sum = 0;
+        for (int h = s * group; h < (s + 1) * group; ++h) sum += scores[h * prefix + j];
+        reduced[s * prefix + j] = static_cast<float>(sum / group);
+      }
+    }
+  }
+  std::vector<float> pooled(reduced.size());  // [S, T - W]
+  ops::pool1d(Cpu{}, make_view(static_cast<const float*>(reduced.data()), {storage_heads, prefix}),
+              make_view(pooled.data(), {storage_heads, prefix}), kernel, pool);
+  return pooled;
+}
+
+// SnapKV's selection with a given capacity: per storage head the `selected` prefix tokens with the
+// highest pooled window scores (ties: lower position), in ascending position, then the W window
+// tokens. Requires selected <= T - W. Shared by SnapKV (selected = C - W) and PyramidKV (cap_l).
+inline Selection snapkv_select(const PrefillInput& in, int selected, int window, int kernel,
+                               ops::Pool pool, GqaMode gqa, const char* who) {
+  const int kv_heads = static_cast<int>(in.keys.size(0));
+  const std::int64_t tokens = in.keys.size(1);
+  const std::int64_t prefix = tokens - window;
+  KVC_CHECK(selected >= 0 && selected <= prefix, who, ": selects ", selected,
+            " prefix tokens, allowed range [0, T - W = ", prefix, "]");
+  const std::vector<float> pooled =
+      snapkv_pooled_scores(in, window, kernel, pool, gqa, who);  // [S, T - W]
+  const int storage_heads = static_cast<int>(pooled.size() / prefix);
+  std::vector<std::int32_t> top(static_cast<std::size_t>(storage_heads) * selected);
+  ops::top_k(Cpu{}, make_view(pooled.data(), {storage_heads, prefix}), selected,
+             make_view(top.data(), {storage_heads, static_cast<std::int64_t>(selected)}));
+  Selection s;
+  for (int h = 0; h < storage_heads; ++h) {
+    s.source_head.push_back(h * kv_heads / storage_heads);
+    std::vector<std::int32_t> kept(top.begin() + static_cast<std::ptrdiff_t>(h) * selected,
+                                   top.begin() + static_cast<std::ptrdiff_t>(h + 1) * selected);
+    for (std::int64_t j = prefix; j < tokens; ++j) kept.push_back(static_cast<std::int32_t>(j));
+    s.keep.push_back(std::move(kept));
+  }
+  return s;
+}
+
 struct SnapKv {
   static constexpr std::string_view kName = "snapkv";
   static constexpr PolicyKind kKind = PolicyKind::eviction;
@@ -52,54 +120,16 @@ struct SnapKv {
   bool observes_attention() const { return false; }
 
   Selection prefill(State&, const PrefillInput& in) const {
-    const int kv_heads = static_cast<int>(in.keys.size(0));
-    const int q_heads = static_cast<int>(in.queries.size(0));
     const std::int64_t tokens = in.keys.size(1);
-    const int storage_heads = gqa == GqaMode::repeat ? q_heads : kv_heads;
-    const int group = q_heads / kv_heads;
     if (tokens < budget) {
+      const int kv_heads = static_cast<int>(in.keys.size(0));
+      const int storage_heads =
+          gqa == GqaMode::repeat ? static_cast<int>(in.queries.size(0)) : kv_heads;
       Selection all = keep_all(storage_heads, tokens);
       for (int s = 0; s < storage_heads; ++s) all.source_head[s] = s * kv_heads / storage_heads;
       return all;
     }
-    KVC_CHECK(in.queries.size(1) >= window, "snapkv: needs the last window = ", window,
-              " prompt queries, the prefill gave ", in.queries.size(1));
-    const std::int64_t prefix = tokens - window;
-    std::vector<float> scores(static_cast<std::size_t>(q_heads) * prefix);  // [Hq, T - W]
-    ops::window_scores(Cpu{}, in.queries.slice(1, in.queries.size(1) - window, in.queries.size(1)),
-                       in.keys, make_view(scores.data(), {q_heads, prefix}));
-
-    // Per storage head scores: the query head's own (repeat) or the group mean (mean).
-    std::vector<float> reduced(static_cast<std::size_t>(storage_heads) * prefix);  // [S, T - W]
-    for (int s = 0; s < storage_heads; ++s) {
-      for (std::int64_t j = 0; j < prefix; ++j) {
-        if (gqa == GqaMode::repeat) {
-          reduced[s * prefix + j] = scores[s * prefix + j];
-        } else {
-          double sum = 0;
-          for (int h = s * group; h < (s + 1) * group; ++h) sum += scores[h * prefix + j];
-          reduced[s * prefix + j] = static_cast<float>(sum / group);
-        }
-      }
-    }
-    std::vector<float> pooled(reduced.size());  // [S, T - W]
-    ops::pool1d(Cpu{},
-                make_view(static_cast<const float*>(reduced.data()), {storage_heads, prefix}),
-                make_view(pooled.data(), {storage_heads, prefix}), kernel, pool);
-    std::vector<std::int32_t> top(static_cast<std::size_t>(storage_heads) * (budget - window));
-    ops::top_k(Cpu{}, make_view(static_cast<const float*>(pooled.data()), {storage_heads, prefix}),
-               budget - window, make_view(top.data(), {storage_heads, budget - window}));
-
-    Selection s;
-    for (int h = 0; h < storage_heads; ++h) {
-      s.source_head.push_back(h * kv_heads / storage_heads);
-      std::vector<std::int32_t> kept(
-          top.begin() + static_cast<std::ptrdiff_t>(h) * (budget - window),
-          top.begin() + static_cast<std::ptrdiff_t>(h + 1) * (budget - window));
-      for (std::int64_t j = prefix; j < tokens; ++j) kept.push_back(static_cast<std::int32_t>(j));
-      s.keep.push_back(std::move(kept));
-    }
-    return s;
+    return snapkv_select(in, budget - window, window, kernel, pool, gqa, "snapkv");
   }
 
   DecodeKeep decode(State&, const DecodeInput&) const { return std::nullopt; }
