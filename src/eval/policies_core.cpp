@@ -36,8 +36,9 @@ std::vector<PolicyEntry> core_policies() {
          {"window", std::to_string(snap.window), "observation window W (last prompt queries)"},
          {"kernel", std::to_string(snap.kernel), "pooling kernel (odd)"},
          {"pool", pool_name(snap.pool), "avg | max"},
-         {"gqa", gqa_name(snap.gqa),
-          "mean (one selection per KV head) | repeat (per query head)"}}},
+         {"gqa", gqa_name(snap.gqa), "mean (one selection per KV head) | repeat (per query head)"},
+         {"reference_compat", snap.reference_compat ? "true" : "false",
+          "true: survivors stored in score order (released code); false: ascending position"}}},
        [](const ParamReader& params, RuntimePolicies& out) {
          SnapKv p;
          params.read_int("budget", p.budget);
@@ -45,6 +46,7 @@ std::vector<PolicyEntry> core_policies() {
          params.read_int("kernel", p.kernel);
          params.read_choice("pool", p.pool, {{"avg", ops::Pool::avg}, {"max", ops::Pool::max}});
          params.read_choice("gqa", p.gqa, {{"mean", GqaMode::mean}, {"repeat", GqaMode::repeat}});
+         params.read_bool("reference_compat", p.reference_compat);
          p.validate();
          out.eviction.policy = p;
        }},

@@ -204,6 +204,50 @@ TEST_CASE("SnapKV invariants (section 25 vector 4)", "[cache][snapkv]") {
     REQUIRE(mean.bytes().stored() == 2 * 24 * d * 2 * 2);
     REQUIRE(repeat.bytes().stored() == 4 * mean.bytes().stored());
   }
+  SECTION("reference_compat stores the same tokens in score order; attention is unchanged") {
+    const kvc::SnapKv paper{.budget = 24, .window = 8, .kernel = 5};
+    kvc::SnapKv released = paper;
+    released.reference_compat = true;
+    kvc::KVCache<Config, kvc::Cpu> sorted{kvc::CacheShape{1, hq, hkv, d}, paper};
+    kvc::KVCache<Config, kvc::Cpu> scored{kvc::CacheShape{1, hq, hkv, d}, released};
+    for (auto* c : {&sorted, &scored}) {
+      c->prefill(0, x.kv(), x.vv(), x.qv());
+      c->compress(0);
+    }
+    // The pooled scores the selection ranked by, recomputed from the same inputs.
+    kvc::PrefillInput in;
+    in.keys = x.kv();
+    in.values = x.vv();
+    in.queries = x.qv();
+    const std::vector<float> pooled =
+        kvc::snapkv_pooled_scores(in, 8, 5, kvc::ops::Pool::avg, kvc::GqaMode::mean, "test");
+    const int prefix = t - 8;
+    bool some_head_reordered = false;
+    for (int h = 0; h < hkv; ++h) {
+      const auto ascending = positions_of(sorted, 0, h);
+      const auto released_order = positions_of(scored, 0, h);
+      auto same_set = released_order;
+      std::sort(same_set.begin(), same_set.end());
+      REQUIRE(same_set == ascending);
+      // The window comes last, in order; the survivors before it by non-increasing score, ties by
+      // the lower position.
+      REQUIRE(std::vector<std::int32_t>(released_order.end() - 8, released_order.end()) ==
+              range(t - 8, t));
+      for (int i = 0; i + 1 < 16; ++i) {
+        const float a = pooled[h * prefix + released_order[i]];
+        const float b = pooled[h * prefix + released_order[i + 1]];
+        REQUIRE((a > b || (a == b && released_order[i] < released_order[i + 1])));
+      }
+      some_head_reordered = some_head_reordered || released_order != ascending;
+    }
+    REQUIRE(some_head_reordered);  // random scores: the two orders must differ somewhere
+    std::vector<float> out_sorted(hq * d), out_scored(hq * d);
+    const auto q_last = token(x.qv(), t - 1);
+    sorted.attend(0, q_last, kvc::make_view(out_sorted.data(), {hq, d}));
+    scored.attend(0, q_last, kvc::make_view(out_scored.data(), {hq, d}));
+    for (int i = 0; i < hq * d; ++i)
+      REQUIRE(out_scored[i] == Approx(out_sorted[i]).epsilon(1e-5).margin(1e-6));
+  }
   SECTION("too few prompt queries for the window is an error") {
     kvc::KVCache<Config, kvc::Cpu> cache{kvc::CacheShape{1, hq, hkv, d},
                                          kvc::SnapKv{.budget = 24, .window = 8}};

@@ -17,6 +17,7 @@
 // KeyProjection -> Quant stores. After each decode step: Eviction.decode, then the Quant flushes.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -197,6 +198,9 @@ class KVCache<Config, Cpu> {
     data.heads.assign(storage_heads, typename Quant::HeadStore{});
     // A Quant that keeps evicted tokens (MiKV) receives every prompt token plus the kept set.
     const bool ranked = quant_keeps_evicted();
+    KVC_CHECK(!(ranked && selection.keep_order_given), policy_name(eviction_),
+              " stores its tokens in score order (reference_compat), which ", policy_name(quant_),
+              " cannot combine with: it ranks tokens by position");
     std::vector<std::int32_t> every_token(ranked ? tokens : 0);
     for (std::size_t i = 0; i < every_token.size(); ++i)
       every_token[i] = static_cast<std::int32_t>(i);
@@ -540,6 +544,16 @@ class KVCache<Config, Cpu> {
     for (int h = 0; h < storage_heads; ++h) {
       KVC_CHECK(s.source_head[h] >= 0 && s.source_head[h] < shape_.kv_heads, policy_name(eviction_),
                 ": storage head ", h, " reads KV head ", s.source_head[h], " of ", shape_.kv_heads);
+      if (s.keep_order_given) {
+        // Any order, but every index once and in range.
+        std::vector<std::int32_t> sorted = s.keep[h];
+        std::sort(sorted.begin(), sorted.end());
+        for (std::size_t i = 0; i < sorted.size(); ++i)
+          KVC_CHECK(sorted[i] >= 0 && sorted[i] < tokens && (i == 0 || sorted[i] != sorted[i - 1]),
+                    policy_name(eviction_), " (layer ", layer, ", head ", h,
+                    "): kept indices must be unique in [0, ", tokens, "), got ", sorted[i]);
+        continue;
+      }
       std::int64_t previous = -1;
       for (auto i : s.keep[h]) {
         KVC_CHECK(i > previous && i < tokens, policy_name(eviction_), " (layer ", layer, ", head ",

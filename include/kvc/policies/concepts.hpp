@@ -48,6 +48,11 @@ struct PrefillInput {
 struct Selection {
   std::vector<int> source_head;                 // [S]
   std::vector<std::vector<std::int32_t>> keep;  // [S][n_s], ascending indices into the T tokens
+  // The keep lists are in the policy's own order (unique, not ascending) and the cache stores the
+  // tokens in that order: the released SnapKV gathers in top-k (score-descending) order, which
+  // snapkv(reference_compat=true) reproduces. Attention does not depend on the order; what a
+  // dump shows, and which tokens share a quantization group, do.
+  bool keep_order_given = false;
 };
 
 inline Selection keep_all(int source_heads, std::int64_t tokens) {

@@ -16,8 +16,13 @@
 //   gqa = repeat: the released code's behaviour: each query head selects its own tokens and the
 //               cache stores one head per query head (g times the memory, counted in bytes()).
 //   pooled scores -> top C - W (ties: lower position) -> survivors in ascending position + window.
+//   reference_compat = true: the released code's storage order: survivors in top-k order (score
+//               descending, ties: lower position first), then the window (section 26). Attention
+//               is the same; the stored order (kvc eval --dump) and any per-token-group quantizer
+//               stacked on top see the difference.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string_view>
 #include <vector>
@@ -72,10 +77,12 @@ inline std::vector<float> snapkv_pooled_scores(
 }
 
 // SnapKV's selection with a given capacity: per storage head the `selected` prefix tokens with the
-// highest pooled window scores (ties: lower position), in ascending position, then the W window
-// tokens. Requires selected <= T - W. Shared by SnapKV (selected = C - W) and PyramidKV (cap_l).
+// highest pooled window scores (ties: lower position), in ascending position (or in score order,
+// highest first, when `score_order`), then the W window tokens. Requires selected <= T - W.
+// Shared by SnapKV (selected = C - W) and PyramidKV (cap_l).
 inline Selection snapkv_select(const PrefillInput& in, int selected, int window, int kernel,
-                               ops::Pool pool, GqaMode gqa, const char* who) {
+                               ops::Pool pool, GqaMode gqa, const char* who,
+                               bool score_order = false) {
   const int kv_heads = static_cast<int>(in.keys.size(0));
   const std::int64_t tokens = in.keys.size(1);
   const std::int64_t prefix = tokens - window;
@@ -92,9 +99,15 @@ inline Selection snapkv_select(const PrefillInput& in, int selected, int window,
     s.source_head.push_back(h * kv_heads / storage_heads);
     std::vector<std::int32_t> kept(top.begin() + static_cast<std::ptrdiff_t>(h) * selected,
                                    top.begin() + static_cast<std::ptrdiff_t>(h + 1) * selected);
+    if (score_order) {
+      const float* row = pooled.data() + static_cast<std::ptrdiff_t>(h) * prefix;
+      std::stable_sort(kept.begin(), kept.end(),
+                       [row](std::int32_t a, std::int32_t b) { return row[a] > row[b]; });
+    }
     for (std::int64_t j = prefix; j < tokens; ++j) kept.push_back(static_cast<std::int32_t>(j));
     s.keep.push_back(std::move(kept));
   }
+  s.keep_order_given = score_order;
   return s;
 }
 
@@ -107,6 +120,7 @@ struct SnapKv {
   int kernel = 5;
   ops::Pool pool = ops::Pool::avg;
   GqaMode gqa = GqaMode::mean;
+  bool reference_compat = false;  // store survivors in score order, as released
 
   struct State {};
 
@@ -129,7 +143,8 @@ struct SnapKv {
       for (int s = 0; s < storage_heads; ++s) all.source_head[s] = s * kv_heads / storage_heads;
       return all;
     }
-    return snapkv_select(in, budget - window, window, kernel, pool, gqa, "snapkv");
+    return snapkv_select(in, budget - window, window, kernel, pool, gqa, "snapkv",
+                         reference_compat);
   }
 
   DecodeKeep decode(State&, const DecodeInput&) const { return std::nullopt; }
