@@ -100,6 +100,15 @@ int run_calibrate_cq(const std::vector<std::string>& args) {
       cal.codebook.channels, static_cast<double>(cal.codebook.bits) / cal.codebook.channels,
       options.key_space == kvc::CqKeySpace::prerope ? "pre-RoPE" : "post-RoPE", dump.tokens, data,
       before, after, out);
+  // k-means with about as many centroids as samples puts a centroid on every calibration vector:
+  // the objective reaches 0 and says nothing about other sequences (8c8b wants 2048+ tokens).
+  if (dump.tokens < 4 * static_cast<std::int64_t>(cal.codebook.centroids())) {
+    std::cerr << fmt::format(
+        "kvc: warning: {} calibration tokens for {} centroids per table (fewer than 4 per "
+        "centroid): the codebook memorises the calibration set; calibrate on more tokens or use "
+        "fewer bits per code (e.g. --channels 4 --bits 4)\n",
+        dump.tokens, cal.codebook.centroids());
+  }
   return 0;
 }
 

@@ -46,8 +46,9 @@ compressed; then for each step t = prefix .. T-1 token t's key and value are app
 attends over the cache, and decode-time policies act.
 
 options:
-  --data PATH         KV dump: a directory (q.npy, k.npy, v.npy, optional k_prerope.npy,
-                      meta.json) or one .safetensors file (tensors q, k, v, optional k_prerope)
+  --data PATH         KV dump: a directory (q.npy, k.npy, v.npy, optional k_prerope.npy and
+                      scores.npy [L, Hkv, T] for locret, meta.json) or one .safetensors file
+                      (tensors q, k, v, optional k_prerope, scores)
   --policy SPEC       a policy spec, repeatable; stages joined by '+', e.g.
                       'snapkv(budget=256,window=32,kernel=7,pool=max)+kivi(bits=2)'
   --prefix N          prompt length; default floor(0.75 * T); must be in [1, T-1]
