@@ -85,8 +85,11 @@ std::vector<PolicyEntry> scored_eviction_policies() {
          {"pool", pool_name(pyramid.pool), "avg | max"},
          {"beta", std::to_string(pyramid.beta), "last layer gets (budget-window)/beta"},
          {"gqa", "mean", "mean (one selection per KV head) | repeat (per query head)"},
-         {"schedule", "integer",
-          "integer (released code, floor overshoot) | kvpress (real-valued, rounded)"}}},
+         {"schedule", "paper",
+          "paper (exact total L*(budget-window)) | integer (released code, floor overshoot) | "
+          "kvpress (real-valued, rounded)"},
+         {"reference_compat", "false",
+          "true: the released integer schedule (= schedule=integer)"}}},
        [](const ParamReader& params, RuntimePolicies& out) {
          PyramidKv p;
          params.read_int("budget", p.budget);
@@ -95,9 +98,11 @@ std::vector<PolicyEntry> scored_eviction_policies() {
          read_pool(params, p.pool);
          params.read_int("beta", p.beta);
          params.read_choice("gqa", p.gqa, {{"mean", GqaMode::mean}, {"repeat", GqaMode::repeat}});
-         params.read_choice(
-             "schedule", p.schedule,
-             {{"integer", PyramidSchedule::integer}, {"kvpress", PyramidSchedule::kvpress}});
+         params.read_choice("schedule", p.schedule,
+                            {{"paper", PyramidSchedule::paper},
+                             {"integer", PyramidSchedule::integer},
+                             {"kvpress", PyramidSchedule::kvpress}});
+         params.read_bool("reference_compat", p.reference_compat);
          p.validate();
          out.eviction.policy = p;
        }},

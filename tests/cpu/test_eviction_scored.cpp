@@ -167,6 +167,36 @@ TEST_CASE("PyramidKV kvpress schedule: real-valued, rounded, window inside the t
   REQUIRE(kvc::pyramid_budgets_kvpress(512, 8, 32, 20, 900).selected == std::vector<int>(32, 496));
 }
 
+TEST_CASE("PyramidKV paper schedule: the nominal total exactly, no floor overshoot", "[scored]") {
+  // Vector 5's shape: base 504, min 25, max 983, real step 958 / 31 (the released floor is 30).
+  const kvc::PyramidBudgets b = kvc::pyramid_budgets_paper(512, 8, 32, 20, 1008);
+  REQUIRE(b.selected.size() == 32);
+  REQUIRE(b.total() == 32 * 504);  // the integer schedule gives 16576
+  REQUIRE(kvc::pyramid_budgets(512, 8, 32, 20, 1008).total() == 16576);
+  for (int l = 0; l < 32; ++l) {
+    const double cap = 983.0 - l * (958.0 / 31.0);
+    INFO("layer " << l << " real cap " << cap);
+    REQUIRE(b.selected[l] >= static_cast<int>(std::floor(cap)));
+    REQUIRE(b.selected[l] <= static_cast<int>(std::floor(cap)) + 1);
+    if (l > 0) REQUIRE(b.selected[l] <= b.selected[l - 1]);
+  }
+  REQUIRE(b.selected[0] == 983);
+  REQUIRE(b.selected[31] == 25);
+  // The branches are the integer schedule's: keep everything, uniform, and the T - W clamp (base
+  // 100, T = 202: max 195 >= T - W = 192 -> max = 192, min = 8, and max + min = 2 base still).
+  REQUIRE(kvc::pyramid_budgets_paper(512, 8, 32, 20, 500).keep_all);
+  REQUIRE(kvc::pyramid_budgets_paper(512, 8, 32, 20, 900).selected == std::vector<int>(32, 504));
+  const kvc::PyramidBudgets clamped = kvc::pyramid_budgets_paper(110, 10, 4, 20, 202);
+  REQUIRE(clamped.total() == 4 * 100);
+  REQUIRE(clamped.selected.front() == 192);
+  REQUIRE(clamped.selected.back() == 8);
+  // The policy: paper by default; reference_compat (or schedule=integer) gives the released one.
+  kvc::PyramidKv policy{.budget = 512, .window = 8, .beta = 20};
+  REQUIRE(policy.budgets(32, 1008).selected == b.selected);
+  policy.reference_compat = true;
+  REQUIRE(policy.budgets(32, 1008).selected == kvc::pyramid_budgets(512, 8, 32, 20, 1008).selected);
+}
+
 TEST_CASE("PyramidKV selects with SnapKV's code at the layer's capacity", "[scored]") {
   const Prompt p(4, 4, 2, 80, 16, 11);
   const kvc::PyramidKv pyramid{.budget = 24, .window = 4, .kernel = 3, .beta = 4};
@@ -539,7 +569,7 @@ TEST_CASE("Score-driven policies reject bad parameters with the value and the ra
   fails("pyramidkv(budget=64,window=64)", "window = 64 must be in [1, budget = 64)");
   fails("pyramidkv(beta=0)", "beta must be >= 1, got 0");
   fails("pyramidkv(kernel=4)", "kernel must be odd and >= 1, got 4");
-  fails("pyramidkv(schedule=linear)", "schedule = 'linear' is not one of integer, kvpress");
+  fails("pyramidkv(schedule=linear)", "schedule = 'linear' is not one of paper, integer, kvpress");
   fails("adakv(budget=32,window=40)", "window = 40 must be in [1, budget = 32)");
   fails("adakv(budget=-2)", "budget must be > 0, got -2");
   fails("windowkv(review_window=0)", "review_window must be >= 1, got 0");

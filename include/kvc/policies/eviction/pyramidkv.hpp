@@ -1,6 +1,6 @@
 // kvc/policies/eviction/pyramidkv.hpp: PyramidKV (ALGORITHMS.md section 5): SnapKV's selection
-// with a per-layer capacity that shrinks linearly from the first layer to the last, and the public
-// budget schedules (the released integer one and kvpress's real-valued one).
+// with a per-layer capacity that shrinks linearly from the first layer to the last, and the budget
+// schedules (the paper's exact total, the released integer one, kvpress's real-valued one).
 //
 //   struct Config : kvc::DefaultConfig { using Eviction = kvc::PyramidKv; };
 //   kvc::PyramidKv pyramid{.budget = 512, .window = 8, .kernel = 7, .pool = kvc::ops::Pool::max};
@@ -8,11 +8,16 @@
 //
 // Parameters and defaults (init_pyramidkv): budget C = 2048 tokens per layer and head including the
 // window (the nominal average), window W = 32, kernel = 5, pool = avg, beta = 20, gqa = mean
-// (as SnapKV), schedule = integer. The KVCache-Factory LongBench scripts use W = 8, kernel = 7,
+// (as SnapKV), schedule = paper. The KVCache-Factory LongBench scripts use W = 8, kernel = 7,
 // max pooling.
-// Schedules (both give, per layer, the number of prefix tokens selected; the W window is kept on
+// Schedules (each gives, per layer, the number of prefix tokens selected; the W window is kept on
 // top of it):
-//   integer (default, the released code, exactly):
+//   paper (default): the arithmetic sequence of the paper with exactly the nominal total L * base:
+//     min, max and the branches as `integer` below, but the real step (max - min) / (L - 1);
+//     cap_l = floor(max - l * step) plus one token for the layers with the largest fractional
+//     parts (ties: lower layer) until the caps sum to L * base (max + min = 2 base, so the real
+//     caps already do). No overshoot.
+//   integer (reference_compat = true, or schedule = integer; the released code, exactly):
 //     base = C - W, min = base / beta, max = 2 base - min (integer division)
 //     max >= T - W: max = T - W, min = 2 base - max      (very short prompts)
 //     steps = (max - min) / (L - 1) floored, cap_l = max - l * steps
@@ -107,7 +112,38 @@ inline PyramidBudgets pyramid_budgets_kvpress(int budget, int window, int layers
   return b;
 }
 
-enum class PyramidSchedule { integer, kvpress };
+// The paper's schedule: the same branches as the integer one, the real step, and caps rounded by
+// largest remainders so that they sum to exactly L * base (see the header comment).
+inline PyramidBudgets pyramid_budgets_paper(int budget, int window, int layers, int beta,
+                                            std::int64_t tokens) {
+  PyramidBudgets b = pyramid_budgets(budget, window, layers, beta, tokens);
+  if (b.keep_all || layers == 1 || tokens < 2 * (budget - window)) return b;
+  const std::int64_t base = budget - window;
+  std::int64_t min_num = base / beta;
+  std::int64_t max_num = 2 * base - min_num;
+  if (max_num >= tokens - window) {
+    max_num = tokens - window;
+    min_num = 2 * base - max_num;
+  }
+  const double step = static_cast<double>(max_num - min_num) / (layers - 1);
+  std::vector<double> fraction(layers);
+  std::int64_t assigned = 0;
+  for (int l = 0; l < layers; ++l) {
+    const double cap = static_cast<double>(max_num) - l * step;
+    const double whole = std::floor(cap);
+    b.selected[l] = static_cast<int>(whole);
+    fraction[l] = cap - whole;
+    assigned += b.selected[l];
+  }
+  std::vector<int> order(layers);
+  for (int l = 0; l < layers; ++l) order[l] = l;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int a, int c) { return fraction[a] > fraction[c]; });
+  for (std::int64_t i = 0; assigned < layers * base; ++i, ++assigned) ++b.selected[order[i]];
+  return b;
+}
+
+enum class PyramidSchedule { paper, integer, kvpress };
 
 struct PyramidKv {
   static constexpr std::string_view kName = "pyramidkv";
@@ -119,7 +155,8 @@ struct PyramidKv {
   ops::Pool pool = ops::Pool::avg;
   int beta = 20;
   GqaMode gqa = GqaMode::mean;
-  PyramidSchedule schedule = PyramidSchedule::integer;
+  PyramidSchedule schedule = PyramidSchedule::paper;
+  bool reference_compat = false;  // true: the released integer schedule, whatever `schedule` says
 
   struct State {};
 
@@ -132,9 +169,11 @@ struct PyramidKv {
   bool observes_attention() const { return false; }
 
   PyramidBudgets budgets(int layers, std::int64_t tokens) const {
-    return schedule == PyramidSchedule::integer
-               ? pyramid_budgets(budget, window, layers, beta, tokens)
-               : pyramid_budgets_kvpress(budget, window, layers, beta, tokens);
+    if (reference_compat || schedule == PyramidSchedule::integer)
+      return pyramid_budgets(budget, window, layers, beta, tokens);
+    if (schedule == PyramidSchedule::kvpress)
+      return pyramid_budgets_kvpress(budget, window, layers, beta, tokens);
+    return pyramid_budgets_paper(budget, window, layers, beta, tokens);
   }
 
   Selection prefill(State&, const PrefillInput& in) const {
