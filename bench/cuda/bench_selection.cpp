@@ -1,0 +1,206 @@
+// SnapKV selection at prefill on the GPU (kvc/ops/selection.hpp), one layer: window scores + GQA
+// mean + pooling + top-k + compaction of K and V into a new buffer; and compaction alone against
+// the device-to-device copy measured in the same binary.
+//
+//   build/kvc_cuda_bench --benchmark_filter=snapkv --benchmark_format=json > selection.json
+//   python3 bench/compare_torch_selection.py --kvc-json selection.json   # vs SDPA causal prefill
+//
+// snapkv_selection: Hq 32, Hkv 8, D 128, bf16, window 32, budget 2048 (2016 selected + the window),
+// kernel 7, max pooling; counters: total ms and its parts (scores, top-k, compaction), each the
+// median of CUDA-event timings of separate runs. compaction: bytes = the kept K and V rows read and
+// written (2 * Hkv * C * D * 2 bytes each way); frac_copy = copy time / compaction time on that
+// byte count (both credited read + write). Inputs rotate over sets of >= 512 MB so that L2 (50 MB)
+// holds none of them.
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "kvc/core/cuda_runtime.hpp"
+#include "kvc/core/dtype.hpp"
+#include "kvc/ops/selection.hpp"
+
+namespace {
+
+namespace rt = kvc::cuda_runtime;
+namespace ops = kvc::ops;
+
+constexpr std::size_t kMinRotationBytes = 512ull << 20;
+constexpr int kTimedCalls = 20;
+constexpr std::int64_t kQHeads = 32, kKvHeads = 8, kHeadDim = 128, kWindow = 32, kBudget = 2048;
+constexpr int kKernel = 7;
+
+// Random bf16 in [-2, 2) from a xorshift generator (fast enough for 128K-token layers).
+rt::DeviceBuffer random_bf16(std::size_t count, std::uint32_t seed) {
+  std::vector<kvc::bf16> host(count);
+  std::uint32_t x = seed * 2654435761u + 1;
+  for (auto& value : host) {
+    x ^= x << 13;
+    x ^= x >> 17;
+    x ^= x << 5;
+    value = kvc::bf16(static_cast<float>(x >> 8) * (4.0f / 16777216.0f) - 2.0f);
+  }
+  rt::DeviceBuffer buffer(count * sizeof(kvc::bf16));
+  rt::copy_host_to_device(buffer.data(), host.data(), buffer.bytes(), kvc::Cuda{});
+  return buffer;
+}
+
+template <class F>
+double median_ms(F&& call) {
+  auto* start = rt::create_event();
+  auto* stop = rt::create_event();
+  for (int i = 0; i < 3; ++i) call(i);  // warm-up
+  std::vector<float> times;
+  for (int i = 0; i < kTimedCalls; ++i) {
+    rt::record_event(start, kvc::Cuda{});
+    call(i);
+    rt::record_event(stop, kvc::Cuda{});
+    times.push_back(rt::elapsed_ms(start, stop));
+  }
+  rt::destroy_event(start);
+  rt::destroy_event(stop);
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+struct Layer {
+  std::vector<rt::DeviceBuffer> q, k, v;  // per set: [Hq, W, D], [Hkv, T, D], [Hkv, T, D]
+  int sets = 1;
+};
+
+Layer make_layer(std::int64_t tokens) {
+  Layer layer;
+  const std::size_t kv_elements = static_cast<std::size_t>(kKvHeads * tokens * kHeadDim);
+  const std::size_t set_bytes = 2 * kv_elements * sizeof(kvc::bf16);
+  layer.sets =
+      static_cast<int>(std::max<std::size_t>(1, (kMinRotationBytes + set_bytes - 1) / set_bytes));
+  for (int s = 0; s < layer.sets; ++s) {
+    layer.q.push_back(random_bf16(static_cast<std::size_t>(kQHeads * kWindow * kHeadDim), 7 + s));
+    layer.k.push_back(random_bf16(kv_elements, 100 + 2 * s));
+    layer.v.push_back(random_bf16(kv_elements, 101 + 2 * s));
+  }
+  return layer;
+}
+
+kvc::DeviceView<std::byte, 1> bytes_view(const rt::DeviceBuffer& buffer) {
+  return kvc::make_device_view(buffer.as<std::byte>(), {static_cast<std::int64_t>(buffer.bytes())});
+}
+
+void snapkv_selection(benchmark::State& state) {
+  const std::int64_t t = state.range(0), prefix = t - kWindow, selected = kBudget - kWindow;
+  Layer layer = make_layer(t);
+  rt::DeviceBuffer workspace(ops::snapkv_select_workspace_bytes(
+      kQHeads, kWindow, static_cast<int>(t), kKvHeads, static_cast<int>(selected)));
+  rt::DeviceBuffer score_workspace(
+      ops::snapkv_scores_workspace_bytes(kQHeads, kWindow, static_cast<int>(t), kKvHeads));
+  rt::DeviceBuffer topk_workspace(
+      ops::top_k_workspace_bytes(kKvHeads, static_cast<int>(prefix), static_cast<int>(selected)));
+  rt::DeviceBuffer pooled(static_cast<std::size_t>(kKvHeads * prefix) * sizeof(float));
+  rt::DeviceBuffer keep(static_cast<std::size_t>(kKvHeads * kBudget) * sizeof(std::int32_t));
+  const std::size_t out_bytes = static_cast<std::size_t>(kKvHeads * kBudget * kHeadDim) * 2;
+  rt::DeviceBuffer k_out(out_bytes), v_out(out_bytes);
+
+  const auto q_view = [&](int s) {
+    return kvc::make_device_view(layer.q[s].as<const kvc::bf16>(), {kQHeads, kWindow, kHeadDim});
+  };
+  const auto kv_view = [&](const rt::DeviceBuffer& b) {
+    return kvc::make_device_view(b.as<const kvc::bf16>(), {kKvHeads, t, kHeadDim});
+  };
+  const auto keep_view = kvc::make_device_view(keep.as<std::int32_t>(), {kKvHeads, kBudget});
+  auto select = [&](int i) {
+    const int s = i % layer.sets;
+    ops::snapkv_select(kvc::Cuda{}, q_view(s), kv_view(layer.k[s]), static_cast<int>(selected),
+                       kKernel, ops::Pool::max, keep_view, bytes_view(workspace));
+  };
+  auto compact = [&](int i) {
+    const int s = i % layer.sets;
+    ops::compact_rows(kvc::Cuda{}, keep_view, {}, kv_view(layer.k[s]), kv_view(layer.v[s]),
+                      kvc::make_device_view(k_out.as<kvc::bf16>(), {kKvHeads, kBudget, kHeadDim}),
+                      kvc::make_device_view(v_out.as<kvc::bf16>(), {kKvHeads, kBudget, kHeadDim}));
+  };
+  auto scores = [&](int i) {
+    const int s = i % layer.sets;
+    ops::snapkv_scores(kvc::Cuda{}, q_view(s), kv_view(layer.k[s]), kKernel, ops::Pool::max,
+                       kvc::make_device_view(pooled.as<float>(), {kKvHeads, prefix}),
+                       bytes_view(score_workspace));
+  };
+  auto top = [&](int) {
+    ops::top_k(kvc::Cuda{}, kvc::make_device_view(pooled.as<const float>(), {kKvHeads, prefix}),
+               static_cast<int>(selected),
+               kvc::make_device_view(keep.as<std::int32_t>(), {kKvHeads, selected}),
+               bytes_view(topk_workspace));
+  };
+  double total_ms = 0;
+  for (auto _ : state) {
+    total_ms = median_ms([&](int i) {
+      select(i);
+      compact(i);
+    });
+    state.SetIterationTime(total_ms / 1e3);
+  }
+  state.counters["ms"] = total_ms;
+  state.counters["scores_ms"] = median_ms(scores);
+  state.counters["topk_ms"] = median_ms(top);
+  select(0);
+  state.counters["compact_ms"] = median_ms(compact);
+}
+
+void compaction(benchmark::State& state) {
+  const std::int64_t t = state.range(0), kept = state.range(1);
+  Layer layer = make_layer(t);
+  std::vector<std::int32_t> host_keep(static_cast<std::size_t>(kKvHeads * kept));
+  for (std::int64_t h = 0; h < kKvHeads; ++h)  // every (t / kept)-th token, shifted per head
+    for (std::int64_t i = 0; i < kept; ++i)
+      host_keep[h * kept + i] = static_cast<std::int32_t>((i * t) / kept + (h % (t / kept)));
+  rt::DeviceBuffer keep(host_keep.size() * sizeof(std::int32_t));
+  rt::copy_host_to_device(keep.data(), host_keep.data(), keep.bytes(), kvc::Cuda{});
+  const std::size_t kept_bytes = static_cast<std::size_t>(kKvHeads * kept * kHeadDim) * 2;
+  rt::DeviceBuffer k_out(kept_bytes), v_out(kept_bytes), copy_out(2 * kept_bytes);
+  auto compact = [&](int i) {
+    const int s = i % layer.sets;
+    ops::compact_rows(
+        kvc::Cuda{}, kvc::make_device_view(keep.as<const std::int32_t>(), {kKvHeads, kept}), {},
+        kvc::make_device_view(layer.k[s].as<const kvc::bf16>(), {kKvHeads, t, kHeadDim}),
+        kvc::make_device_view(layer.v[s].as<const kvc::bf16>(), {kKvHeads, t, kHeadDim}),
+        kvc::make_device_view(k_out.as<kvc::bf16>(), {kKvHeads, kept, kHeadDim}),
+        kvc::make_device_view(v_out.as<kvc::bf16>(), {kKvHeads, kept, kHeadDim}));
+  };
+  auto copy = [&](int i) {  // the same K + V byte count, sources rotating likewise
+    const int s = i % layer.sets;
+    rt::copy_device_to_device(copy_out.data(), layer.k[s].data(), 2 * kept_bytes, kvc::Cuda{});
+  };
+  const double copy_ms = median_ms(copy);
+  double compact_ms = 0;
+  for (auto _ : state) {
+    compact_ms = median_ms(compact);
+    state.SetIterationTime(compact_ms / 1e3);
+  }
+  state.counters["ms"] = compact_ms;
+  state.counters["GB_per_s"] = 2.0 * 2 * kept_bytes / (compact_ms / 1e3) / 1e9;
+  state.counters["copy_GB_per_s"] = 2.0 * 2 * kept_bytes / (copy_ms / 1e3) / 1e9;
+  state.counters["frac_copy"] = copy_ms / compact_ms;
+}
+
+BENCHMARK(snapkv_selection)
+    ->ArgName("T")
+    ->Arg(4096)
+    ->Arg(16384)
+    ->Arg(32768)
+    ->Arg(131072)
+    ->UseManualTime()
+    ->Iterations(1)
+    ->Unit(benchmark::kMillisecond);
+
+BENCHMARK(compaction)
+    ->ArgNames({"T", "C"})
+    ->Args({32768, 2048})
+    ->Args({32768, 8192})
+    ->Args({32768, 16384})
+    ->Args({131072, 65536})
+    ->UseManualTime()
+    ->Iterations(1)
+    ->Unit(benchmark::kMillisecond);
+
+}  // namespace

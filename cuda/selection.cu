@@ -1,0 +1,784 @@
+// cuda/selection.cu: the SnapKV prefill path (include/kvc/ops/selection.hpp): observation-window
+// scores with GQA reduction and pooling, top-k per row with CUB, compaction of the survivors.
+//
+// Scores take two passes over K, one block per (tile of 128 keys, KV head), the G * W window rows
+// of the KV head's query heads in chunks of 32 through tensor-core MMAs (bf16/f16 in, fp32
+// accumulation). Pass 1 writes each tile's row max and sum of exponentials, a merge kernel combines
+// the tiles; pass 2 recomputes the scores, turns them into probabilities with the merged
+// statistics, rounds them like the reference and sums the window rows (one thread per key, rows in
+// increasing order, as the reference does), then the GQA mean; a last kernel pools. Recomputing
+// QK^T costs a second read of K; storing the [Hq, W, T] scores instead would move several times
+// more bytes.
+//
+// Top-k is a radix select, one block per row, on 32-bit keys ordered by descending score: the
+// k-th key is found digit by digit, then a block scan writes the survivors in ascending position,
+// exact ties going to the lower positions (the reference's total order, without a sort).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cub/block/block_scan.cuh>
+#include <limits>
+
+#include "check.cuh"
+#include "kvc/core/dispatch.hpp"
+#include "kvc/ops/selection.hpp"
+
+namespace kvc::ops {
+namespace {
+
+constexpr int kThreads = 128;   // 4 warps
+constexpr int kTileKeys = 128;  // keys per block; each warp owns 32 of them in the MMA
+constexpr int kChunkRows = 32;  // window rows per MMA chunk (two 16-row fragments)
+constexpr std::size_t kAlign = 256;
+
+template <class T>
+struct NativeOf;
+template <>
+struct NativeOf<bf16> {
+  using type = __nv_bfloat16;
+};
+template <>
+struct NativeOf<f16> {
+  using type = __half;
+};
+
+std::size_t align_up(std::size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
+
+// Carves 256-byte aligned regions out of a caller-owned workspace.
+struct Carver {
+  std::byte* base;
+  std::size_t used = 0;
+  template <class T>
+  T* take(std::size_t count) {
+    T* p = reinterpret_cast<T*>(base + used);
+    used += align_up(count * sizeof(T));
+    return p;
+  }
+};
+
+bool rows_aligned(const void* ptr, std::initializer_list<std::int64_t> strides) {
+  bool ok = reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0;
+  for (auto s : strides) ok = ok && s % 8 == 0;
+  return ok;
+}
+
+// ---- scores ------------------------------------------------------------------------------------
+
+template <class T>
+struct ScoreParams {
+  const T* q;
+  const T* k;
+  std::int64_t q_head, q_row;    // strides of q_window [Hq, W, D]
+  std::int64_t k_head, k_token;  // strides of k [Hkv, T, D]
+  float* tile_max;               // [Hq * W, tiles]: pass 1 partials
+  float* tile_sum;               // [Hq * W, tiles]
+  float* row_max;                // [Hq * W]: merged
+  float* row_sum;                // [Hq * W]
+  float* reduced;                // [S, T - W]
+  int window, tokens, prefix, tiles, group;
+  bool per_query_head;  // S == Hq
+  bool mean_rows;       // ScoreReduction::mean
+  int rounding;         // 0 none, 1 f16, 2 bf16
+  float scale;
+};
+
+__device__ inline float round_probability(float p, int rounding) {
+  if (rounding == 1) return __half2float(__float2half_rn(p));
+  if (rounding == 2) return __bfloat162float(__float2bfloat16_rn(p));
+  return p;
+}
+
+template <class T>
+__device__ inline uint4 load16(const T* p) {
+  return __ldg(reinterpret_cast<const uint4*>(p));
+}
+
+template <int D>
+constexpr std::size_t window_shared_bytes() {
+  return static_cast<std::size_t>(kTileKeys + kChunkRows) * (D + 8) * 2 +
+         static_cast<std::size_t>(kChunkRows) * (kTileKeys + 4) * sizeof(float);
+}
+
+// Pass 1 (kSecond = false): per (window row, tile) the max and the sum of exp(score - max) over
+// the visible keys of the tile. Pass 2: the rounded probabilities of the prefix keys summed over
+// the window rows of each query head, then reduced over the group.
+template <class T, int D, bool kSecond>
+__global__ void __launch_bounds__(kThreads, 3) window_kernel(ScoreParams<T> p) {
+  using namespace nvcuda;
+  constexpr int kLd = D + 8;  // padded rows: 16 bytes of skew between rows spreads the banks
+  constexpr int kScoreLd = kTileKeys + 4;
+  constexpr int kVectors = D / 8;  // 16-byte vectors per row
+  constexpr int kTileLoads = kTileKeys * kVectors / kThreads;
+  extern __shared__ __align__(128) unsigned char shared[];
+  T* k_tile = reinterpret_cast<T*>(shared);                              // [kTileKeys, kLd]
+  T* q_chunk = k_tile + kTileKeys * kLd;                                 // [kChunkRows, kLd]
+  float* s_tile = reinterpret_cast<float*>(q_chunk + kChunkRows * kLd);  // [kChunkRows, kScoreLd]
+  __shared__ float chunk_max[kChunkRows], chunk_sum[kChunkRows];
+
+  const int tile = blockIdx.x, kv_head = blockIdx.y;
+  const int first_key = tile * kTileKeys;
+  const int warp = threadIdx.x / 32;
+  const int rows = p.group * p.window;  // the KV head's window rows, query head major
+
+  {  // K tile; keys past T read as zeros (their scores are masked)
+    const T* k_base = p.k + kv_head * p.k_head;
+    uint4 staged[kTileLoads];
+#pragma unroll
+    for (int u = 0; u < kTileLoads; ++u) {
+      const int e = u * kThreads + threadIdx.x;
+      const int key = first_key + e / kVectors;
+      staged[u] = key < p.tokens ? load16(k_base + key * p.k_token + (e % kVectors) * 8)
+                                 : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < kTileLoads; ++u) {
+      const int e = u * kThreads + threadIdx.x;
+      *reinterpret_cast<uint4*>(k_tile + (e / kVectors) * kLd + (e % kVectors) * 8) = staged[u];
+    }
+  }
+
+  const int key = first_key + threadIdx.x;  // pass 2: this thread's key
+  float head_sum = 0.0f, group_sum = 0.0f;
+  for (int chunk = 0; chunk < rows; chunk += kChunkRows) {
+    for (int e = threadIdx.x; e < kChunkRows * kVectors; e += kThreads) {
+      const int row = chunk + e / kVectors;
+      uint4 value = make_uint4(0, 0, 0, 0);
+      if (row < rows) {
+        const int q_head = kv_head * p.group + row / p.window;
+        value = load16(p.q + q_head * p.q_head + (row % p.window) * p.q_row + (e % kVectors) * 8);
+      }
+      *reinterpret_cast<uint4*>(q_chunk + (e / kVectors) * kLd + (e % kVectors) * 8) = value;
+    }
+    if (kSecond && threadIdx.x < kChunkRows) {
+      const int row = chunk + threadIdx.x;
+      const bool in = row < rows;
+      chunk_max[threadIdx.x] = in ? p.row_max[kv_head * rows + row] : 0.0f;
+      chunk_sum[threadIdx.x] = in ? p.row_sum[kv_head * rows + row] : 1.0f;
+    }
+    __syncthreads();
+
+    {  // S[chunk rows, warp's 32 keys] = Q K^T
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+#pragma unroll
+      for (int m = 0; m < 2; ++m)
+#pragma unroll
+        for (int n = 0; n < 2; ++n) wmma::fill_fragment(acc[m][n], 0.0f);
+#pragma unroll
+      for (int kk = 0; kk < D; kk += 16) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b[2];
+#pragma unroll
+        for (int m = 0; m < 2; ++m) wmma::load_matrix_sync(a[m], q_chunk + m * 16 * kLd + kk, kLd);
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+          wmma::load_matrix_sync(b[n], k_tile + (warp * 32 + n * 16) * kLd + kk, kLd);
+#pragma unroll
+        for (int m = 0; m < 2; ++m)
+#pragma unroll
+          for (int n = 0; n < 2; ++n) wmma::mma_sync(acc[m][n], a[m], b[n], acc[m][n]);
+      }
+#pragma unroll
+      for (int m = 0; m < 2; ++m)
+#pragma unroll
+        for (int n = 0; n < 2; ++n)
+          wmma::store_matrix_sync(s_tile + m * 16 * kScoreLd + warp * 32 + n * 16, acc[m][n],
+                                  kScoreLd, wmma::mem_row_major);
+    }
+    __syncthreads();
+
+    if constexpr (!kSecond) {
+      // Four threads per row, each over every fourth key (conflict-free banks); the 32 exps of a
+      // thread are independent, so they overlap.
+      const int r = threadIdx.x / 4, part = threadIdx.x % 4;
+      const int row = chunk + r;
+      const int last = p.tokens - p.window + row % p.window;  // last visible key
+      float s[kTileKeys / 4];
+      float m = -INFINITY;
+#pragma unroll
+      for (int u = 0; u < kTileKeys / 4; ++u) {
+        const int column = u * 4 + part;
+        s[u] = first_key + column <= last ? s_tile[r * kScoreLd + column] * p.scale : -INFINITY;
+        m = fmaxf(m, s[u]);
+      }
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+      float l = 0.0f;
+      if (m != -INFINITY) {
+#pragma unroll
+        for (int u = 0; u < kTileKeys / 4; ++u) l += s[u] != -INFINITY ? expf(s[u] - m) : 0.0f;
+      }
+      l += __shfl_xor_sync(0xffffffffu, l, 1);
+      l += __shfl_xor_sync(0xffffffffu, l, 2);
+      if (part == 0 && row < rows) {
+        const std::int64_t at = static_cast<std::int64_t>(kv_head * rows + row) * p.tiles + tile;
+        p.tile_max[at] = m;
+        p.tile_sum[at] = l;
+      }
+    } else {
+      if (key < p.prefix) {  // prefix keys are visible to every window row: no mask
+        // The chunk's probabilities first (independent, they overlap), then the sums in row order.
+        float probability[kChunkRows];
+#pragma unroll
+        for (int r = 0; r < kChunkRows; ++r) {
+          const float score = s_tile[r * kScoreLd + threadIdx.x] * p.scale;
+          probability[r] = round_probability(expf(score - chunk_max[r]) / chunk_sum[r], p.rounding);
+        }
+        int i = chunk % p.window, head = chunk / p.window;
+#pragma unroll
+        for (int r = 0; r < kChunkRows; ++r) {
+          if (chunk + r < rows) {
+            head_sum += probability[r];
+            if (++i == p.window) {  // the query head's last window row
+              const float head_score =
+                  p.mean_rows ? head_sum / static_cast<float>(p.window) : head_sum;
+              if (p.per_query_head) {
+                const int q_head = kv_head * p.group + head;
+                p.reduced[static_cast<std::int64_t>(q_head) * p.prefix + key] = head_score;
+              } else {
+                group_sum += head_score;
+              }
+              head_sum = 0.0f;
+              i = 0;
+              ++head;
+            }
+          }
+        }
+      }
+    }
+    __syncthreads();  // the next chunk overwrites q_chunk, s_tile and the chunk statistics
+  }
+  if (kSecond && !p.per_query_head && key < p.prefix)
+    p.reduced[static_cast<std::int64_t>(kv_head) * p.prefix + key] =
+        group_sum / static_cast<float>(p.group);
+}
+
+// One warp per window row: combines the tiles' (max, sum) into the row's softmax statistics.
+__global__ void merge_rows_kernel(const float* tile_max, const float* tile_sum, float* row_max,
+                                  float* row_sum, int rows, int tiles) {
+  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  const float* maxima = tile_max + static_cast<std::int64_t>(row) * tiles;
+  const float* sums = tile_sum + static_cast<std::int64_t>(row) * tiles;
+  float m = -INFINITY;
+  for (int t = lane; t < tiles; t += 32) m = fmaxf(m, maxima[t]);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2)
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+  float l = 0.0f;
+  for (int t = lane; t < tiles; t += 32)
+    if (maxima[t] != -INFINITY) l += sums[t] * expf(maxima[t] - m);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) l += __shfl_xor_sync(0xffffffffu, l, offset);
+  if (lane == 0) {
+    row_max[row] = m;
+    row_sum[row] = l;
+  }
+}
+
+// Stride 1, padding kernel / 2, the reference's order of operations (P2).
+__global__ void pool_kernel(const float* in, float* out, std::int64_t out_row,
+                            std::int64_t out_column, int rows, int n, int kernel, bool max_pool) {
+  const std::int64_t idx = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= static_cast<std::int64_t>(rows) * n) return;
+  const int r = static_cast<int>(idx / n), i = static_cast<int>(idx % n);
+  const int radius = kernel / 2;
+  const int begin = max(i - radius, 0), end = min(i + radius + 1, n);
+  const float* row = in + static_cast<std::int64_t>(r) * n;
+  float result;
+  if (max_pool) {
+    result = -INFINITY;
+    for (int j = begin; j < end; ++j) result = fmaxf(result, row[j]);
+  } else {
+    float sum = 0.0f;
+    for (int j = begin; j < end; ++j) sum += row[j];
+    result = sum / static_cast<float>(kernel);
+  }
+  out[r * out_row + i * out_column] = result;
+}
+
+struct ScoreLayout {
+  int tiles = 0, rows = 0, prefix = 0;
+  std::size_t bytes = 0;
+};
+
+ScoreLayout score_layout(int q_heads, int window, int tokens, int storage_heads) {
+  ScoreLayout layout;
+  layout.tiles = (tokens + kTileKeys - 1) / kTileKeys;
+  layout.rows = q_heads * window;
+  layout.prefix = tokens - window;
+  const std::size_t partials = static_cast<std::size_t>(layout.rows) * layout.tiles;
+  layout.bytes = 2 * align_up(partials * sizeof(float)) +
+                 2 * align_up(static_cast<std::size_t>(layout.rows) * sizeof(float)) +
+                 align_up(static_cast<std::size_t>(storage_heads) * std::max(layout.prefix, 0) *
+                          sizeof(float));
+  return layout;
+}
+
+using HeadDims = ValueList<64, 128>;
+
+template <class Storage>
+void run_scores(Cuda stream, DeviceView<const Storage, 3> q, DeviceView<const Storage, 3> k,
+                int kernel, Pool pool, DeviceView<float, 2> pooled,
+                DeviceView<std::byte, 1> workspace, const WindowScoreOptions& options) {
+  using Native = typename NativeOf<Storage>::type;
+  const std::int64_t hq = q.size(0), w = q.size(1), d = q.size(2);
+  const std::int64_t hkv = k.size(0), t = k.size(1);
+  KVC_CHECK(hkv >= 1 && hq >= 1 && hq % hkv == 0, "snapkv_scores(cuda): Hq = ", hq,
+            " must be a positive multiple of Hkv = ", hkv);
+  KVC_CHECK(k.size(2) == d, "snapkv_scores(cuda): k has D = ", k.size(2),
+            " but q_window has D = ", d, "; D must be equal");
+  KVC_CHECK(w >= 1 && w <= t, "snapkv_scores(cuda): window W = ", w, " with T = ", t,
+            " tokens; need 1 <= W <= T");
+  KVC_CHECK(t <= std::numeric_limits<std::int32_t>::max() / 2, "snapkv_scores(cuda): T = ", t,
+            " tokens; allowed up to ", std::numeric_limits<std::int32_t>::max() / 2);
+  const std::int64_t s = pooled.size(0), prefix = t - w;
+  KVC_CHECK((s == hkv || s == hq) && pooled.size(1) == prefix,
+            "snapkv_scores(cuda): pooled has shape [", s, ", ", pooled.size(1),
+            "]; expected [S, T - W] with S = Hkv = ", hkv, " (group mean) or Hq = ", hq,
+            " (per query head) and T - W = ", prefix);
+  KVC_CHECK(kernel >= 1 && kernel % 2 == 1, "snapkv_scores(cuda): kernel = ", kernel,
+            " is not allowed; the kernel must be odd and >= 1 (1, 3, 5, ...)");
+  KVC_CHECK(pool == Pool::avg || pool == Pool::max,
+            "snapkv_scores(cuda): pool = ", static_cast<int>(pool),
+            " is not a Pool; allowed: avg, max");
+  KVC_CHECK(options.reduction == ScoreReduction::sum || options.reduction == ScoreReduction::mean,
+            "snapkv_scores(cuda): reduction = ", static_cast<int>(options.reduction),
+            " is not a ScoreReduction; allowed: sum, mean");
+  KVC_CHECK(options.rounding == ProbabilityRounding::none ||
+                options.rounding == ProbabilityRounding::f16 ||
+                options.rounding == ProbabilityRounding::bf16,
+            "snapkv_scores(cuda): rounding = ", static_cast<int>(options.rounding),
+            " is not a ProbabilityRounding; allowed: none, f16, bf16");
+  KVC_CHECK(std::isfinite(options.scale) && options.scale >= 0.0f,
+            "snapkv_scores(cuda): scale = ", options.scale,
+            " is not allowed; use a finite scale > 0, or 0 for 1/sqrt(D)");
+  KVC_CHECK(q.strides[2] == 1 && k.strides[2] == 1,
+            "snapkv_scores(cuda): the head_dim axis must be contiguous (stride 1)");
+  KVC_CHECK(rows_aligned(q.data, {q.strides[0], q.strides[1]}) &&
+                rows_aligned(k.data, {k.strides[0], k.strides[1]}),
+            "snapkv_scores(cuda): q_window and k rows must start on 16-byte boundaries (pointers "
+            "aligned to 16 bytes, strides multiples of 8 elements)");
+  const ScoreLayout layout = score_layout(static_cast<int>(hq), static_cast<int>(w),
+                                          static_cast<int>(t), static_cast<int>(s));
+  KVC_CHECK(static_cast<std::size_t>(workspace.size(0)) >= layout.bytes,
+            "snapkv_scores(cuda): workspace has ", workspace.size(0), " bytes, needs ",
+            layout.bytes, " (snapkv_scores_workspace_bytes)");
+  dispatch<HeadDims>(static_cast<int>(d), "snapkv_scores(cuda): head_dim", [](auto) {});
+  if (prefix == 0) return;
+
+  Carver carve{workspace.data};
+  const std::size_t partials = static_cast<std::size_t>(layout.rows) * layout.tiles;
+  ScoreParams<Native> p;
+  p.q = reinterpret_cast<const Native*>(q.data);
+  p.k = reinterpret_cast<const Native*>(k.data);
+  p.q_head = q.strides[0], p.q_row = q.strides[1];
+  p.k_head = k.strides[0], p.k_token = k.strides[1];
+  p.tile_max = carve.take<float>(partials);
+  p.tile_sum = carve.take<float>(partials);
+  p.row_max = carve.take<float>(layout.rows);
+  p.row_sum = carve.take<float>(layout.rows);
+  p.reduced = carve.take<float>(static_cast<std::size_t>(s) * prefix);
+  p.window = static_cast<int>(w);
+  p.tokens = static_cast<int>(t);
+  p.prefix = static_cast<int>(prefix);
+  p.tiles = layout.tiles;
+  p.group = static_cast<int>(hq / hkv);
+  p.per_query_head = s == hq;
+  p.mean_rows = options.reduction == ScoreReduction::mean;
+  p.rounding = options.rounding == ProbabilityRounding::f16    ? 1
+               : options.rounding == ProbabilityRounding::bf16 ? 2
+                                                               : 0;
+  p.scale = options.scale == 0.0f ? 1.0f / std::sqrt(static_cast<float>(d)) : options.scale;
+
+  cudaStream_t native_stream = stream.stream;
+  dispatch<HeadDims>(static_cast<int>(d), "snapkv_scores(cuda): head_dim", [&](auto head_dim) {
+    constexpr int kD = decltype(head_dim)::value;
+    constexpr std::size_t kShared = window_shared_bytes<kD>();
+    auto* first = window_kernel<Native, kD, false>;
+    auto* second = window_kernel<Native, kD, true>;
+    KVC_CUDA_CHECK(cudaFuncSetAttribute(first, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(kShared)));
+    KVC_CUDA_CHECK(cudaFuncSetAttribute(second, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(kShared)));
+    first<<<dim3(layout.tiles, static_cast<unsigned>(hkv)), kThreads, kShared, native_stream>>>(p);
+    KVC_CUDA_CHECK_LAUNCH(native_stream);
+    merge_rows_kernel<<<(layout.rows + 7) / 8, 256, 0, native_stream>>>(
+        p.tile_max, p.tile_sum, p.row_max, p.row_sum, layout.rows, layout.tiles);
+    KVC_CUDA_CHECK_LAUNCH(native_stream);
+    const int prefix_tiles = (p.prefix + kTileKeys - 1) / kTileKeys;
+    second<<<dim3(prefix_tiles, static_cast<unsigned>(hkv)), kThreads, kShared, native_stream>>>(p);
+    KVC_CUDA_CHECK_LAUNCH(native_stream);
+  });
+  const std::int64_t total = s * prefix;
+  pool_kernel<<<static_cast<unsigned>((total + 255) / 256), 256, 0, native_stream>>>(
+      p.reduced, pooled.data, pooled.strides[0], pooled.strides[1], static_cast<int>(s), p.prefix,
+      kernel, pool == Pool::max);
+  KVC_CUDA_CHECK_LAUNCH(native_stream);
+}
+
+// ---- top-k -------------------------------------------------------------------------------------
+
+// Ascending order of the result = descending score; -0 is +0, NaN ranks last.
+__device__ inline std::uint32_t descending_bits(float x) {
+  if (isnan(x)) return 0xFFFFFFFFu;
+  if (x == 0.0f) return 0x7FFFFFFFu;  // +0 and -0 alike
+  const std::uint32_t u = __float_as_uint(x);
+  const std::uint32_t ascending = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return ~ascending;
+}
+
+constexpr int kSelectThreads = 512;
+
+struct SelectParams {
+  const float* scores;
+  std::int64_t row_stride, column_stride;
+  std::int32_t* indices;
+  std::int64_t index_row, index_column;
+  int n, k, tail_first, tail;
+};
+
+// One block per row: a radix select on the 32-bit descending keys (four 8-bit digits, most
+// significant first) finds the k-th key; then each thread takes a contiguous run of positions and
+// one block scan of (better, equal) counts places the survivors in ascending position, the equal
+// keys going to the lowest positions. Keys are recomputed from the scores on every pass: the row
+// stays in L1/L2, and nothing else needs memory.
+__global__ void __launch_bounds__(kSelectThreads) radix_select_kernel(SelectParams p) {
+  using Scan = cub::BlockScan<unsigned long long, kSelectThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  __shared__ unsigned histogram[256];
+  __shared__ unsigned chosen_prefix, chosen_remaining;
+  const int r = blockIdx.x, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const float* row = p.scores + r * p.row_stride;
+  std::int32_t* out = p.indices + r * p.index_row;
+  for (int t = threadIdx.x; t < p.tail; t += kSelectThreads)
+    out[static_cast<std::int64_t>(p.k + t) * p.index_column] = p.tail_first + t;
+  if (p.k == 0) return;
+
+  unsigned prefix = 0, mask = 0, remaining = static_cast<unsigned>(p.k);
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int b = threadIdx.x; b < 256; b += kSelectThreads) histogram[b] = 0;
+    __syncthreads();
+    for (int j = threadIdx.x; j < p.n; j += kSelectThreads) {
+      const unsigned key = descending_bits(row[j * p.column_stride]);
+      if ((key & mask) == prefix) {
+        const unsigned digit = (key >> shift) & 0xFFu;
+        // Scores cluster in a few digits: one atomic per distinct digit of the warp.
+        const unsigned peers = __match_any_sync(__activemask(), digit);
+        if (lane == __ffs(peers) - 1) atomicAdd(&histogram[digit], __popc(peers));
+      }
+    }
+    __syncthreads();
+    if (warp == 0) {  // the digit holding the remaining-th smallest key
+      unsigned counts[8], local = 0;
+#pragma unroll
+      for (int b = 0; b < 8; ++b) {
+        counts[b] = histogram[lane * 8 + b];
+        local += counts[b];
+      }
+      unsigned inclusive = local;
+#pragma unroll
+      for (int offset = 1; offset < 32; offset *= 2) {
+        const unsigned other = __shfl_up_sync(0xffffffffu, inclusive, offset);
+        if (lane >= offset) inclusive += other;
+      }
+      unsigned before = inclusive - local;
+      const bool here = before < remaining && remaining <= inclusive;
+      if (here) {  // exactly one lane
+        for (int b = 0; b < 8; ++b) {
+          if (before + counts[b] >= remaining) {
+            chosen_prefix = prefix | (static_cast<unsigned>(lane * 8 + b) << shift);
+            chosen_remaining = remaining - before;
+            break;
+          }
+          before += counts[b];
+        }
+      }
+    }
+    __syncthreads();
+    prefix = chosen_prefix;
+    remaining = chosen_remaining;
+    mask |= 0xFFu << shift;
+  }
+  // prefix is now the k-th smallest key; take every smaller key and the first `remaining` equal.
+  const int per_thread = (p.n + kSelectThreads - 1) / kSelectThreads;
+  const int begin = min(p.n, static_cast<int>(threadIdx.x) * per_thread);
+  const int end = min(p.n, begin + per_thread);
+  unsigned better = 0, equal = 0;
+  for (int j = begin; j < end; ++j) {
+    const unsigned key = descending_bits(row[j * p.column_stride]);
+    better += key < prefix;
+    equal += key == prefix;
+  }
+  unsigned long long before = 0;
+  Scan(scan_storage).ExclusiveSum((static_cast<unsigned long long>(better) << 32) | equal, before);
+  unsigned equal_before = static_cast<unsigned>(before & 0xFFFFFFFFu);
+  std::int64_t slot = static_cast<std::int64_t>(before >> 32) + min(equal_before, remaining);
+  for (int j = begin; j < end; ++j) {
+    const unsigned key = descending_bits(row[j * p.column_stride]);
+    bool take = key < prefix;
+    if (key == prefix) take = equal_before++ < remaining;
+    if (take) out[slot++ * p.index_column] = j;
+  }
+}
+
+void check_top_k_shape(std::int64_t rows, std::int64_t n, int k, const char* who) {
+  KVC_CHECK(k >= 0 && k <= n, who, ": k = ", k, " is out of range; need 0 <= k <= n = ", n);
+  KVC_CHECK(n <= std::numeric_limits<std::int32_t>::max() && rows <= 0x7FFFFFFF, who,
+            ": rows = ", rows, ", n = ", n, "; allowed up to ",
+            std::numeric_limits<std::int32_t>::max());
+}
+
+// top_k with an optional tail of consecutive indices after the k survivors of each row.
+void run_top_k(Cuda stream, DeviceView<const float, 2> scores, int k,
+               DeviceView<std::int32_t, 2> indices, int tail_first, int tail, const char* who) {
+  const std::int64_t rows = scores.size(0), n = scores.size(1);
+  check_top_k_shape(rows, n, k, who);
+  KVC_CHECK(indices.size(0) == rows && indices.size(1) == k + tail, who, ": indices has shape [",
+            indices.size(0), ", ", indices.size(1), "]; expected [rows, k] = [", rows, ", ",
+            k + tail, "]");
+  if (rows == 0 || k + tail == 0) return;
+  SelectParams p{scores.data,         scores.strides[0],
+                 scores.strides[1],   indices.data,
+                 indices.strides[0],  indices.strides[1],
+                 static_cast<int>(n), k,
+                 tail_first,          tail};
+  radix_select_kernel<<<static_cast<unsigned>(rows), kSelectThreads, 0, stream.stream>>>(p);
+  KVC_CUDA_CHECK_LAUNCH(stream.stream);
+}
+
+template <class Storage>
+void run_select(Cuda stream, DeviceView<const Storage, 3> q, DeviceView<const Storage, 3> k,
+                int selected, int kernel, Pool pool, DeviceView<std::int32_t, 2> keep,
+                DeviceView<std::byte, 1> workspace, const WindowScoreOptions& options) {
+  const std::int64_t hq = q.size(0), w = q.size(1), t = k.size(1), s = keep.size(0);
+  KVC_CHECK(w >= 1 && w <= t, "snapkv_select(cuda): window W = ", w, " with T = ", t,
+            " tokens; need 1 <= W <= T");
+  KVC_CHECK(selected >= 0 && selected <= t - w, "snapkv_select(cuda): selects ", selected,
+            " prefix tokens, allowed range [0, T - W = ", t - w, "]");
+  KVC_CHECK(keep.size(1) == selected + w, "snapkv_select(cuda): keep has ", keep.size(1),
+            " columns; expected selected + W = ", selected + w);
+  const std::size_t needed =
+      snapkv_select_workspace_bytes(static_cast<int>(hq), static_cast<int>(w), static_cast<int>(t),
+                                    static_cast<int>(s), selected);
+  KVC_CHECK(static_cast<std::size_t>(workspace.size(0)) >= needed,
+            "snapkv_select(cuda): workspace has ", workspace.size(0), " bytes, needs ", needed,
+            " (snapkv_select_workspace_bytes)");
+  Carver carve{workspace.data};
+  const std::int64_t prefix = t - w;
+  float* pooled = carve.take<float>(static_cast<std::size_t>(s * prefix));
+  const ScoreLayout score = score_layout(static_cast<int>(hq), static_cast<int>(w),
+                                         static_cast<int>(t), static_cast<int>(s));
+  std::byte* score_workspace = carve.take<std::byte>(score.bytes);
+  const auto pooled_view = make_device_view(pooled, {s, prefix});
+  run_scores<Storage>(stream, q, k, kernel, pool, pooled_view,
+                      make_device_view(score_workspace, {static_cast<std::int64_t>(score.bytes)}),
+                      options);
+  run_top_k(stream, pooled_view, selected, keep, static_cast<int>(prefix), static_cast<int>(w),
+            "snapkv_select(cuda)");
+}
+
+// ---- compaction --------------------------------------------------------------------------------
+
+template <class T>
+struct CompactParams {
+  const std::int32_t* keep;
+  const std::int32_t* counts;
+  const T* k;
+  const T* v;
+  T* k_out;
+  T* v_out;
+  const std::int32_t* positions;
+  std::int32_t* positions_out;
+  const float* scores;
+  float* scores_out;
+  std::int64_t keep_row, keep_column;
+  std::int64_t k_head, k_token, v_head, v_token;
+  std::int64_t k_out_head, k_out_token, v_out_head, v_out_token;
+  std::int64_t positions_head, positions_token, positions_out_head, positions_out_token;
+  std::int64_t scores_head, scores_token, scores_out_head, scores_out_token;
+  int heads, storage_heads, tokens, kept, vectors, scored;
+};
+
+// One thread per 16-byte vector of a kept row, K and V together.
+template <class T>
+__global__ void compact_kernel(CompactParams<T> p) {
+  const std::int64_t idx = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int s = blockIdx.y;
+  const int i = static_cast<int>(idx / p.vectors), vector = static_cast<int>(idx % p.vectors);
+  if (i >= p.kept) return;
+  const int count = p.counts == nullptr ? p.kept : min(max(p.counts[s], 0), p.kept);
+  if (i >= count) return;
+  const int source = p.keep[s * p.keep_row + i * p.keep_column];
+  const int head = static_cast<int>(static_cast<std::int64_t>(s) * p.heads / p.storage_heads);
+  const bool valid = source >= 0 && source < p.tokens;
+  const uint4 nan_bits = make_uint4(0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu);
+  const uint4 key =
+      valid ? load16(p.k + head * p.k_head + source * p.k_token + vector * 8) : nan_bits;
+  const uint4 value =
+      valid ? load16(p.v + head * p.v_head + source * p.v_token + vector * 8) : nan_bits;
+  *reinterpret_cast<uint4*>(p.k_out + s * p.k_out_head + i * p.k_out_token + vector * 8) = key;
+  *reinterpret_cast<uint4*>(p.v_out + s * p.v_out_head + i * p.v_out_token + vector * 8) = value;
+  if (vector == 0) {
+    if (p.positions_out != nullptr) {
+      p.positions_out[s * p.positions_out_head + i * p.positions_out_token] =
+          !valid ? -1
+          : p.positions != nullptr
+              ? p.positions[head * p.positions_head + source * p.positions_token]
+              : source;
+    }
+    if (p.scores_out != nullptr)
+      p.scores_out[s * p.scores_out_head + i * p.scores_out_token] =
+          valid && source < p.scored ? p.scores[s * p.scores_head + source * p.scores_token]
+                                     : INFINITY;
+  }
+}
+
+template <class Storage>
+void run_compact(Cuda stream, DeviceView<const std::int32_t, 2> keep,
+                 DeviceView<const std::int32_t, 1> counts, DeviceView<const Storage, 3> k,
+                 DeviceView<const Storage, 3> v, DeviceView<Storage, 3> k_out,
+                 DeviceView<Storage, 3> v_out, const CompactSide& side) {
+  using Native = typename NativeOf<Storage>::type;
+  const std::int64_t s = keep.size(0), kept = keep.size(1);
+  const std::int64_t h = k.size(0), t = k.size(1), d = k.size(2);
+  KVC_CHECK(v.size(0) == h && v.size(1) == t && v.size(2) == d, "compact_rows(cuda): v has shape [",
+            v.size(0), ", ", v.size(1), ", ", v.size(2), "]; expected k's [", h, ", ", t, ", ", d,
+            "]");
+  KVC_CHECK(h >= 1 && s >= 1 && s % h == 0, "compact_rows(cuda): keep has S = ", s,
+            " rows for H = ", h, " heads; S must be a positive multiple of H");
+  for (const auto& out : {k_out, v_out})
+    KVC_CHECK(out.size(0) == s && out.size(1) == kept && out.size(2) == d,
+              "compact_rows(cuda): outputs have shape [", out.size(0), ", ", out.size(1), ", ",
+              out.size(2), "]; expected [S, Kmax, D] = [", s, ", ", kept, ", ", d, "]");
+  KVC_CHECK(counts.data == nullptr || counts.size(0) == s, "compact_rows(cuda): counts has ",
+            counts.size(0), " entries; expected S = ", s, " (or an empty view)");
+  KVC_CHECK(d % 8 == 0 && k.strides[2] == 1 && v.strides[2] == 1 && k_out.strides[2] == 1 &&
+                v_out.strides[2] == 1,
+            "compact_rows(cuda): D = ", d,
+            " must be a multiple of 8 with the head_dim axis contiguous (stride 1)");
+  KVC_CHECK(rows_aligned(k.data, {k.strides[0], k.strides[1]}) &&
+                rows_aligned(v.data, {v.strides[0], v.strides[1]}) &&
+                rows_aligned(k_out.data, {k_out.strides[0], k_out.strides[1]}) &&
+                rows_aligned(v_out.data, {v_out.strides[0], v_out.strides[1]}),
+            "compact_rows(cuda): K/V rows must start on 16-byte boundaries (pointers aligned to 16 "
+            "bytes, strides multiples of 8 elements)");
+  KVC_CHECK(t <= std::numeric_limits<std::int32_t>::max(), "compact_rows(cuda): T = ", t,
+            " tokens; allowed up to ", std::numeric_limits<std::int32_t>::max());
+  const bool positions_out = side.positions_out.data != nullptr;
+  KVC_CHECK(side.positions.data == nullptr || positions_out,
+            "compact_rows(cuda): positions given without positions_out");
+  if (positions_out)
+    KVC_CHECK(side.positions_out.size(0) == s && side.positions_out.size(1) == kept,
+              "compact_rows(cuda): positions_out has shape [", side.positions_out.size(0), ", ",
+              side.positions_out.size(1), "]; expected [S, Kmax] = [", s, ", ", kept, "]");
+  if (side.positions.data != nullptr)
+    KVC_CHECK(side.positions.size(0) == h && side.positions.size(1) == t,
+              "compact_rows(cuda): positions has shape [", side.positions.size(0), ", ",
+              side.positions.size(1), "]; expected [H, T] = [", h, ", ", t, "]");
+  const bool scores_out = side.scores_out.data != nullptr;
+  KVC_CHECK((side.scores.data == nullptr) == !scores_out,
+            "compact_rows(cuda): scores and scores_out must be given together");
+  if (scores_out)
+    KVC_CHECK(
+        side.scores.size(0) == s && side.scores_out.size(0) == s && side.scores_out.size(1) == kept,
+        "compact_rows(cuda): scores must be [S, n] and scores_out [S, Kmax] with S = ", s,
+        ", Kmax = ", kept);
+  if (kept == 0) return;
+
+  CompactParams<Native> p{};
+  p.keep = keep.data;
+  p.counts = counts.data;
+  p.k = reinterpret_cast<const Native*>(k.data);
+  p.v = reinterpret_cast<const Native*>(v.data);
+  p.k_out = reinterpret_cast<Native*>(k_out.data);
+  p.v_out = reinterpret_cast<Native*>(v_out.data);
+  p.positions = side.positions.data;
+  p.positions_out = side.positions_out.data;
+  p.scores = side.scores.data;
+  p.scores_out = side.scores_out.data;
+  p.keep_row = keep.strides[0], p.keep_column = keep.strides[1];
+  p.k_head = k.strides[0], p.k_token = k.strides[1];
+  p.v_head = v.strides[0], p.v_token = v.strides[1];
+  p.k_out_head = k_out.strides[0], p.k_out_token = k_out.strides[1];
+  p.v_out_head = v_out.strides[0], p.v_out_token = v_out.strides[1];
+  p.positions_head = side.positions.strides[0], p.positions_token = side.positions.strides[1];
+  p.positions_out_head = side.positions_out.strides[0];
+  p.positions_out_token = side.positions_out.strides[1];
+  p.scores_head = side.scores.strides[0], p.scores_token = side.scores.strides[1];
+  p.scores_out_head = side.scores_out.strides[0], p.scores_out_token = side.scores_out.strides[1];
+  p.heads = static_cast<int>(h);
+  p.storage_heads = static_cast<int>(s);
+  p.tokens = static_cast<int>(t);
+  p.kept = static_cast<int>(kept);
+  p.vectors = static_cast<int>(d / 8);
+  p.scored = scores_out ? static_cast<int>(side.scores.size(1)) : 0;
+  const std::int64_t per_head = kept * p.vectors;
+  const dim3 grid(static_cast<unsigned>((per_head + 255) / 256), static_cast<unsigned>(s));
+  compact_kernel<Native><<<grid, 256, 0, stream.stream>>>(p);
+  KVC_CUDA_CHECK_LAUNCH(stream.stream);
+}
+
+}  // namespace
+
+std::size_t snapkv_scores_workspace_bytes(int q_heads, int window, int tokens, int storage_heads) {
+  return score_layout(q_heads, window, tokens, storage_heads).bytes;
+}
+
+void snapkv_scores(Cuda stream, DeviceView<const bf16, 3> q_window, DeviceView<const bf16, 3> k,
+                   int kernel, Pool pool, DeviceView<float, 2> pooled,
+                   DeviceView<std::byte, 1> workspace, const WindowScoreOptions& options) {
+  run_scores<bf16>(stream, q_window, k, kernel, pool, pooled, workspace, options);
+}
+void snapkv_scores(Cuda stream, DeviceView<const f16, 3> q_window, DeviceView<const f16, 3> k,
+                   int kernel, Pool pool, DeviceView<float, 2> pooled,
+                   DeviceView<std::byte, 1> workspace, const WindowScoreOptions& options) {
+  run_scores<f16>(stream, q_window, k, kernel, pool, pooled, workspace, options);
+}
+
+std::size_t top_k_workspace_bytes(int rows, int n, int k) {
+  check_top_k_shape(rows, n, k, "top_k_workspace_bytes");
+  return 0;  // the radix select keeps everything in shared memory
+}
+
+void top_k(Cuda stream, DeviceView<const float, 2> scores, int k,
+           DeviceView<std::int32_t, 2> indices, DeviceView<std::byte, 1> /*workspace*/) {
+  run_top_k(stream, scores, k, indices, 0, 0, "top_k(cuda)");
+}
+
+std::size_t snapkv_select_workspace_bytes(int q_heads, int window, int tokens, int storage_heads,
+                                          int selected) {
+  const int prefix = std::max(tokens - window, 0);
+  return align_up(static_cast<std::size_t>(storage_heads) * prefix * sizeof(float)) +
+         align_up(score_layout(q_heads, window, tokens, storage_heads).bytes) +
+         top_k_workspace_bytes(storage_heads, prefix, selected);
+}
+
+void snapkv_select(Cuda stream, DeviceView<const bf16, 3> q_window, DeviceView<const bf16, 3> k,
+                   int selected, int kernel, Pool pool, DeviceView<std::int32_t, 2> keep,
+                   DeviceView<std::byte, 1> workspace, const WindowScoreOptions& options) {
+  run_select<bf16>(stream, q_window, k, selected, kernel, pool, keep, workspace, options);
+}
+void snapkv_select(Cuda stream, DeviceView<const f16, 3> q_window, DeviceView<const f16, 3> k,
+                   int selected, int kernel, Pool pool, DeviceView<std::int32_t, 2> keep,
+                   DeviceView<std::byte, 1> workspace, const WindowScoreOptions& options) {
+  run_select<f16>(stream, q_window, k, selected, kernel, pool, keep, workspace, options);
+}
+
+void compact_rows(Cuda stream, DeviceView<const std::int32_t, 2> keep,
+                  DeviceView<const std::int32_t, 1> counts, DeviceView<const bf16, 3> k,
+                  DeviceView<const bf16, 3> v, DeviceView<bf16, 3> k_out, DeviceView<bf16, 3> v_out,
+                  const CompactSide& side) {
+  run_compact<bf16>(stream, keep, counts, k, v, k_out, v_out, side);
+}
+void compact_rows(Cuda stream, DeviceView<const std::int32_t, 2> keep,
+                  DeviceView<const std::int32_t, 1> counts, DeviceView<const f16, 3> k,
+                  DeviceView<const f16, 3> v, DeviceView<f16, 3> k_out, DeviceView<f16, 3> v_out,
+                  const CompactSide& side) {
+  run_compact<f16>(stream, keep, counts, k, v, k_out, v_out, side);
+}
+
+}  // namespace kvc::ops
