@@ -29,6 +29,8 @@ echo "== calibration"
 # from the dump directory, so seq0 is linked next to its scores.
 for file in "$data"/*.npy "$data"/meta.json; do ln -s "$PWD/$file" "$work/seq0/"; done
 "$kvc" calibrate locret-proxy --data "$data" --out "$work/seq0/scores.npy"
+"$kvc" calibrate loki --data "$calibration" --out "$work/loki_basis.safetensors"
+"$kvc" calibrate palu --data "$calibration" --group 2 --ratio 0.5 --out "$work/palu_basis.safetensors"
 
 run() {
   local title=$1
@@ -73,3 +75,21 @@ run "compositions" \
   'snapkv(budget=128,window=16,kernel=7,pool=max)+kivi(bits=2,group=32,residual=32)' \
   'snapkv(budget=128,window=16,kernel=7,pool=max)+mikv(hi=8,lo=2)' \
   'h2o(heavy=64,recent=64)+mikv(hi=8,lo=2)'
+
+# ShadowKV's defaults act only past 4096 prompt tokens; on a 384-token prompt it runs at a small
+# scale (rank 32, 4 outlier chunks, 64 selected tokens per step).
+run "merging, low-rank keys, layer sharing" \
+  'kvmerger(budget=0.5)' \
+  'kvmerger(budget=0.35)' \
+  'snapkv(budget=192,window=8,kernel=7,pool=max)+kvmerger(window=8)' \
+  'h2o(heavy=96,recent=96)+cam' \
+  'elastic(ratio=0.5)' \
+  'shadowkv(budget=64,rank=32,outliers=4,threshold=0)' \
+  'shadowkv(budget=64,rank=32,outliers=4,threshold=0)+kivi(bits=2,group=32,residual=32)' \
+  'think(ratio=0.5)' \
+  "loki(basis=$work/loki_basis.safetensors)" \
+  "palu(basis=$work/palu_basis.safetensors)" \
+  "palu(basis=$work/palu_basis.safetensors,bits=4)" \
+  'minicache' \
+  'minicache+kivi(bits=4,group=32,residual=32)' \
+  'cla(share=2)'

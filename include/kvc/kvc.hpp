@@ -40,3 +40,5 @@
 #include "kvc/policies/quant/mikv.hpp"
 #include "kvc/policies/quant/quantized_rows.hpp"
 #include "kvc/policies/quant/vidkv.hpp"
+#include "kvc/policies/sharing/cla.hpp"
+#include "kvc/policies/sharing/minicache.hpp"

@@ -66,7 +66,9 @@ PolicyResult evaluate_policy(const KvDump& dump, const std::string& spec,
   CacheOptions cache_options;
   cache_options.positions = options.positions;
   cache_options.rope = ops::Rope{dump.rope_theta, ops::parse_rope_convention(dump.rope_convention)};
-  RuntimeCache cache{shape_of(dump), policies.eviction, policies.quant, cache_options};
+  RuntimeCache cache{shape_of(dump), policies.eviction,      policies.merge,
+                     policies.quant, policies.layer_sharing, policies.key_projection,
+                     cache_options};
 
   const int d = dump.head_dim, hq = dump.q_heads;
   PolicyResult result;
@@ -77,59 +79,90 @@ PolicyResult evaluate_policy(const KvDump& dump, const std::string& spec,
   std::int64_t total_samples = 0;
   std::vector<float> out(static_cast<std::size_t>(hq) * d), full(out.size());
   std::vector<float> probabilities;
-  for (int l = 0; l < dump.layers; ++l) {
+  // Layer sharing needs adjacent layers at once: every layer is prefilled and compressed first
+  // (a merged pair is formed when its upper layer compresses; cla(share=...) picks its map from
+  // every layer's prompt keys), bytes are read once all are compressed, and the decode steps run
+  // token by token across layers, as an engine runs them (a reading layer attends to its source
+  // layer, which must hold exactly the tokens up to this step). Without layer sharing each layer
+  // is prefilled, compressed and decoded in turn.
+  const bool cross_layer = policies.layer_sharing.name() != "none";
+  std::vector<StorageBytes> layer_bytes(dump.layers);
+  std::vector<double> error(dump.layers, 0.0), norm(dump.layers, 0.0), recall(dump.layers, 0.0);
+  std::vector<std::int64_t> samples(dump.layers, 0);
+  const auto prefill_layer = [&](int l) {
     const auto q = dump.q(l), k = dump.k(l), v = dump.v(l);
     if (dump.has_scores())
       cache.prefill(l, k.slice(1, 0, prefix), v.slice(1, 0, prefix), q.slice(1, 0, prefix),
                     dump.scores(l, "external token scores").slice(1, 0, prefix));
     else
       cache.prefill(l, k.slice(1, 0, prefix), v.slice(1, 0, prefix), q.slice(1, 0, prefix));
-    cache.compress(l);
-    const StorageBytes layer_bytes = cache.bytes(l);
-    result.bytes += layer_bytes.stored();
-    result.index_bytes += layer_bytes.index;
+    // Key projections that decompose pre-RoPE keys (ShadowKV) get them; a dump without them
+    // fails here naming the policy.
+    if (policies.key_projection.needs_prerope())
+      cache.prefill_prerope(l,
+                            dump.k_prerope(l, policies.key_projection.name()).slice(1, 0, prefix));
+  };
+  const auto record_layer = [&](int l) {
+    layer_bytes[l] = cache.bytes(l);
+    result.bytes += layer_bytes[l].stored();
+    result.index_bytes += layer_bytes[l].index;
+    result.host_bytes += layer_bytes[l].host;
     if (!options.dump_dir.empty())
       write_layer_dump(
           options.dump_dir / std::to_string(policy_index) / ("layer_" + std::to_string(l)),
           cache.materialize(l), d);
-
-    double error = 0, norm = 0, recall = 0;
-    std::int64_t samples = 0;
-    for (int t = prefix; t < tokens; ++t) {
-      const auto q_t = token_of(q, t);
-      cache.append(l, token_of(k, t), token_of(v, t));
-      cache.attend(l, q_t, make_view(out.data(), {hq, d}));
-      probabilities.resize(static_cast<std::size_t>(hq) * (t + 1));
-      ops::decode_attention(Cpu{}, q_t, k.slice(1, 0, t + 1), v.slice(1, 0, t + 1),
-                            make_view(full.data(), {hq, d}),
-                            make_view(probabilities.data(), {hq, t + 1}));
-      for (std::size_t i = 0; i < out.size(); ++i) {
-        const double diff = static_cast<double>(out[i]) - full[i];
-        error += diff * diff;
-        norm += static_cast<double>(full[i]) * full[i];
-      }
-      const int storage_heads = cache.storage_heads(l);
-      for (int h = 0; h < hq; ++h) {
-        const int s = h / (hq / storage_heads);
-        double mass = 0;
-        for (const std::int32_t p : cache.positions(l, s))
-          mass += probabilities[static_cast<std::size_t>(h) * (t + 1) + p];
-        recall += mass;
-        ++samples;
-      }
-      cache.observe(l, q_t);
-      cache.step(l);
+  };
+  const auto decode_token = [&](int l, int t) {
+    const auto q = dump.q(l), k = dump.k(l), v = dump.v(l);
+    const auto q_t = token_of(q, t);
+    cache.append(l, token_of(k, t), token_of(v, t));
+    cache.attend(l, q_t, make_view(out.data(), {hq, d}));
+    probabilities.resize(static_cast<std::size_t>(hq) * (t + 1));
+    ops::decode_attention(Cpu{}, q_t, k.slice(1, 0, t + 1), v.slice(1, 0, t + 1),
+                          make_view(full.data(), {hq, d}),
+                          make_view(probabilities.data(), {hq, t + 1}));
+    for (std::size_t i = 0; i < out.size(); ++i) {
+      const double diff = static_cast<double>(out[i]) - full[i];
+      error[l] += diff * diff;
+      norm[l] += static_cast<double>(full[i]) * full[i];
     }
+    const int storage_heads = cache.storage_heads(l);
+    for (int h = 0; h < hq; ++h) {
+      const int s = h / (hq / storage_heads);
+      double mass = 0;
+      for (const std::int32_t p : cache.positions(l, s))
+        mass += probabilities[static_cast<std::size_t>(h) * (t + 1) + p];
+      recall[l] += mass;
+      ++samples[l];
+    }
+    cache.observe(l, q_t);
+    cache.step(l);
+  };
+  if (cross_layer) {
+    for (int l = 0; l < dump.layers; ++l) prefill_layer(l);
+    for (int l = 0; l < dump.layers; ++l) cache.compress(l);
+    for (int l = 0; l < dump.layers; ++l) record_layer(l);
+    for (int t = prefix; t < tokens; ++t)
+      for (int l = 0; l < dump.layers; ++l) decode_token(l, t);
+  } else {
+    for (int l = 0; l < dump.layers; ++l) {
+      prefill_layer(l);
+      cache.compress(l);
+      record_layer(l);
+      for (int t = prefix; t < tokens; ++t) decode_token(l, t);
+    }
+  }
+  for (int l = 0; l < dump.layers; ++l) {
     LayerResult layer;
     layer.layer = l;
-    layer.rel_error = norm > 0 ? std::sqrt(error) / std::sqrt(norm) : 0.0;
-    layer.attn_recall = samples > 0 ? recall / static_cast<double>(samples) : 1.0;
-    layer.bytes = layer_bytes.stored();
+    layer.rel_error = norm[l] > 0 ? std::sqrt(error[l]) / std::sqrt(norm[l]) : 0.0;
+    layer.attn_recall = samples[l] > 0 ? recall[l] / static_cast<double>(samples[l]) : 1.0;
+    layer.bytes = layer_bytes[l].stored();
     result.layers.push_back(layer);
-    total_error += error;
-    total_norm += norm;
-    total_recall += recall;
-    total_samples += samples;
+    total_error += error[l];
+    total_norm += norm[l];
+    total_recall += recall[l];
+    total_samples += samples[l];
   }
   result.rel_error = total_norm > 0 ? std::sqrt(total_error) / std::sqrt(total_norm) : 0.0;
   result.attn_recall = total_samples > 0 ? total_recall / static_cast<double>(total_samples) : 1.0;

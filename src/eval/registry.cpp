@@ -14,8 +14,9 @@ namespace {
 
 std::vector<PolicyEntry> all_families() {
   std::vector<PolicyEntry> entries;
-  for (auto family : {core_policies, quant_policies, scored_eviction_policies,
-                      calibrated_quant_policies, external_eviction_policies}) {
+  for (auto family :
+       {core_policies, quant_policies, scored_eviction_policies, calibrated_quant_policies,
+        external_eviction_policies, merge_policies, sharing_policies, keyproj_policies}) {
     auto more = family();
     entries.insert(entries.end(), more.begin(), more.end());
   }

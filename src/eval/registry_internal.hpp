@@ -78,4 +78,13 @@ std::vector<PolicyEntry> calibrated_quant_policies();  // cq (policies_quant_cal
 // duoattention, locret, prefixkv, moa (policies_external.cpp)
 std::vector<PolicyEntry> external_eviction_policies();
 
+// minicache, cla (policies_sharing.cpp)
+std::vector<PolicyEntry> sharing_policies();
+
+// kvmerger, cam, elastic (policies_merge.cpp)
+std::vector<PolicyEntry> merge_policies();
+
+// shadowkv, think, loki, palu (policies_keyproj.cpp)
+std::vector<PolicyEntry> keyproj_policies();
+
 }  // namespace kvc

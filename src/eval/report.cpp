@@ -14,14 +14,14 @@ std::string format_table(const EvalResult& result) {
   std::string text =
       fmt::format("data: {}  tokens: {}  prefix: {}  decode steps: {}\n", result.data,
                   result.tokens, result.prefix, result.tokens - result.prefix);
-  text += fmt::format("{:<{}}  {:>10}  {:>11}  {:>10}  {:>10}  {:>7}  {:>10}  {:>8}\n", "policy",
-                      spec_width, "rel_error", "attn_recall", "bytes", "full_bytes", "ratio",
-                      "bits/value", "index");
+  text += fmt::format("{:<{}}  {:>10}  {:>11}  {:>10}  {:>10}  {:>7}  {:>10}  {:>8}  {:>8}\n",
+                      "policy", spec_width, "rel_error", "attn_recall", "bytes", "full_bytes",
+                      "ratio", "bits/value", "index", "host");
   for (const auto& p : result.policies)
-    text +=
-        fmt::format("{:<{}}  {:>10.4e}  {:>11.4f}  {:>10}  {:>10}  {:>7.2f}  {:>10.3f}  {:>8}\n",
-                    p.spec, spec_width, p.rel_error, p.attn_recall, p.bytes, p.full_bytes,
-                    p.compression_ratio, p.bits_per_value, p.index_bytes);
+    text += fmt::format(
+        "{:<{}}  {:>10.4e}  {:>11.4f}  {:>10}  {:>10}  {:>7.2f}  {:>10.3f}  {:>8}  {:>8}\n", p.spec,
+        spec_width, p.rel_error, p.attn_recall, p.bytes, p.full_bytes, p.compression_ratio,
+        p.bits_per_value, p.index_bytes, p.host_bytes);
   return text;
 }
 
@@ -41,6 +41,7 @@ std::string format_json(const EvalResult& result) {
     entry.set("compression_ratio", p.compression_ratio);
     entry.set("bits_per_value", p.bits_per_value);
     entry.set("index_bytes", p.index_bytes);
+    entry.set("host_bytes", p.host_bytes);
     json::Value layers = json::Value::array();
     for (const auto& l : p.layers) {
       json::Value layer;

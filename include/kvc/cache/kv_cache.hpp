@@ -13,8 +13,13 @@
 // S = Hkv. Position modes: absolute (keys keep their original rotation; default) or reindexed
 // (kept keys and the query are re-rotated so that positions are in-cache indices, StreamingLLM's
 // pos-shift; uses the cache's RoPE settings).
-// Pipeline at compress(): Eviction selects -> Merge folds (no-op so far) -> LayerSharing ->
-// KeyProjection -> Quant stores. After each decode step: Eviction.decode, then the Quant flushes.
+// Pipeline at compress(): Eviction selects -> Merge folds (rewrites the kept rows from the dropped
+// ones, or selects by itself when alone) -> LayerSharing -> KeyProjection -> Quant stores. After
+// each decode step: Eviction.decode, Merge.decode (folds what it dropped; rewritten heads are
+// re-loaded into their stores), then the Quant flushes.
+// LayerSharing (kvc/cache/shared_layers.hpp) fixes a plan over layers: a CLA reader stores nothing
+// and attends to its source layer; a MiniCache pair is merged when its upper layer compresses
+// (the lower layer is kept whole until then), with no eviction, merge or key projection.
 #pragma once
 
 #include <algorithm>
@@ -24,6 +29,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "kvc/cache/key_projection.hpp"
+#include "kvc/cache/shared_layers.hpp"
 #include "kvc/core/backend.hpp"
 #include "kvc/core/error.hpp"
 #include "kvc/ops/attention.hpp"
@@ -114,12 +121,38 @@ class KVCache<Config, Cpu> {
               "cannot combine ", policy_name(eviction_), " (evicts tokens during decode) with ",
               policy_name(quant_),
               " (quantized groups span several tokens, so single tokens cannot be removed)");
+    check_merge_combination();
+    check_key_projection(key_projection_, eviction_, merge_, quant_,
+                         options_.positions == PositionMode::reindexed);
     layers_.resize(shape_.layers);
+    init_layer_sharing();  // layer sharing: combinations, and the plan when it needs no data
   }
+
+  // ---- key projection (kvc/cache/key_projection.hpp) ----
+  const KeyProjection& key_projection() const { return key_projection_; }
+  const typename KeyProjection::LayerState& key_projection_state(int layer) const {
+    return layer_data(layer).projection;
+  }
+  // Pre-RoPE keys of the tokens of the matching prefill() call, for key projections that decompose
+  // them (ShadowKV); give them after every prefill chunk of the layer, or never.
+  void prefill_prerope(int layer, HostView<const float, 3> k_prerope) {  // [Hkv, T, D]
+    LayerData& data = layer_data(layer);
+    KVC_CHECK(!data.compressed, "prefill_prerope(layer ", layer, "): the layer is compressed");
+    check_heads("prefill pre-RoPE keys", k_prerope, shape_.kv_heads);
+    KVC_CHECK(data.staged_prerope_tokens + k_prerope.size(1) == data.staged_tokens,
+              "prefill_prerope(layer ", layer,
+              "): ", data.staged_prerope_tokens + k_prerope.size(1), " pre-RoPE keys for ",
+              data.staged_tokens,
+              " staged tokens; call it after each prefill() with the same tokens");
+    append_heads(data.staged_prerope, data.staged_prerope_tokens, k_prerope);
+    data.staged_prerope_tokens += k_prerope.size(1);
+  }
+  // ---- end key projection ----
 
   const CacheShape& shape() const { return shape_; }
   const CacheOptions& options() const { return options_; }
   const Eviction& eviction() const { return eviction_; }
+  const Merge& merge() const { return merge_; }
   const Quant& quant() const { return quant_; }
 
   // Stages prompt tokens of one layer (several calls append, as in chunked prefill).
@@ -176,6 +209,8 @@ class KVCache<Config, Cpu> {
   void compress(int layer) {
     LayerData& data = layer_data(layer);
     KVC_CHECK(!data.compressed, "compress(layer ", layer, "): already compressed");
+    // Layer sharing: a reading layer stores nothing; a merged pair stores through its own path.
+    if (compress_shared_layer(layer, data)) return;
     const std::int64_t tokens = data.staged_tokens;
     const int d = shape_.head_dim;
     PrefillInput in;
@@ -193,6 +228,13 @@ class KVCache<Config, Cpu> {
                                   {shape_.kv_heads, tokens});
     Selection selection = eviction_.prefill(eviction_state_, in);
     check_selection(layer, selection, tokens);
+    // Merge slot: folds what the eviction dropped into the rows that stay (or, alone, selects).
+    MergeRows merged;
+    if (merge_.active()) {
+      merged = merge_rows(in, selection);
+      merge_.prefill(merge_state_, in, selection, merged);
+      check_selection(layer, selection, tokens);
+    }
 
     const int storage_heads = static_cast<int>(selection.keep.size());
     data.heads.assign(storage_heads, typename Quant::HeadStore{});
@@ -205,6 +247,22 @@ class KVCache<Config, Cpu> {
     for (std::size_t i = 0; i < every_token.size(); ++i)
       every_token[i] = static_cast<std::int32_t>(i);
     data.source_head = selection.source_head;
+    // KeyProjection slot: layer-wide decomposition first, then each head's stored rows (below).
+    const bool projecting = key_projection_.active();
+    if (projecting) {
+      KeyProjectionInput kp_in;
+      kp_in.prompt = &in;
+      kp_in.selection = &selection;
+      KVC_CHECK(data.staged_prerope_tokens == 0 || data.staged_prerope_tokens == tokens,
+                "compress(layer ", layer, "): pre-RoPE keys cover ", data.staged_prerope_tokens,
+                " of ", tokens, " staged tokens");
+      if (data.staged_prerope_tokens > 0)
+        kp_in.keys_prerope = make_view(static_cast<const float*>(data.staged_prerope.data()),
+                                       {shape_.kv_heads, tokens, d});
+      kp_in.rope_theta = options_.rope.theta;
+      kp_in.rope_interleaved = options_.rope.convention == ops::RopeConvention::interleaved;
+      key_projection_.prefill(data.projection, kp_in);
+    }
     std::vector<float> keys, values;
     std::vector<std::int32_t> positions;
     for (int s = 0; s < storage_heads; ++s) {
@@ -213,8 +271,12 @@ class KVCache<Config, Cpu> {
       keys.resize(static_cast<std::size_t>(n) * d);
       values.resize(static_cast<std::size_t>(n) * d);
       positions.resize(n);
-      const auto src_k = in.keys.sub(selection.source_head[s]);
-      const auto src_v = in.values.sub(selection.source_head[s]);
+      HostView<const float, 2> src_k = in.keys.sub(selection.source_head[s]);
+      HostView<const float, 2> src_v = in.values.sub(selection.source_head[s]);
+      if (!merged.keys.empty()) {  // the rows the Merge rewrote
+        src_k = merged.keys_of(s);
+        src_v = merged.values_of(s);
+      }
       for (std::int64_t i = 0; i < n; ++i) {
         positions[i] = data.staged_positions[keep[i]];
         for (int c = 0; c < d; ++c) {
@@ -243,6 +305,10 @@ class KVCache<Config, Cpu> {
           continue;
         }
       }
+      if (projecting)
+        key_projection_.load_head(data.projection, s,
+                                  make_view(static_cast<const float*>(keys.data()), {n, d}),
+                                  positions);
       data.heads[s].load(quant_, make_view(static_cast<const float*>(keys.data()), {n, d}),
                          make_view(static_cast<const float*>(values.data()), {n, d}), positions);
     }
@@ -251,6 +317,8 @@ class KVCache<Config, Cpu> {
     data.staged_queries.clear();
     data.staged_positions.clear();
     data.staged_scores.clear();
+    data.staged_prerope.clear();
+    data.staged_prerope_tokens = 0;
     data.staged_tokens = data.staged_query_count = 0;
     data.compressed = true;
   }
@@ -265,6 +333,9 @@ class KVCache<Config, Cpu> {
               shape_.head_dim, "], got [", k.size(0), ", ", k.size(1), "] and [", v.size(0), ", ",
               v.size(1), "]");
     const std::int32_t position = data.next_position++;
+    // Layer sharing: a reading layer has no heads (the token is dropped); a merged layer appends
+    // to its own unmerged store and keeps its position list in step.
+    check_shared_append(layer, data, position);
     std::vector<float> key(shape_.head_dim), value(shape_.head_dim);
     for (std::size_t s = 0; s < data.heads.size(); ++s) {
       for (int c = 0; c < shape_.head_dim; ++c) {
@@ -272,6 +343,9 @@ class KVCache<Config, Cpu> {
         value[c] = v(data.source_head[s], c);
       }
       data.heads[s].append(quant_, key.data(), value.data(), position);
+      if (key_projection_.active())
+        key_projection_.append(data.projection, static_cast<int>(s), key.data(), value.data(),
+                               position);
     }
   }
 
@@ -280,7 +354,7 @@ class KVCache<Config, Cpu> {
   void attend(int layer, HostView<const float, 2> q,  // [Hq, D]
               HostView<float, 2> out,                 // [Hq, D]
               std::vector<std::vector<float>>* probabilities = nullptr) const {
-    const LayerData& data = ready_layer(layer, "attend");
+    const LayerData& data = storage_layer(layer, "attend");  // a CLA reader: its source layer
     KVC_CHECK(q.size(0) == shape_.q_heads && q.size(1) == shape_.head_dim &&
                   out.size(0) == shape_.q_heads && out.size(1) == shape_.head_dim,
               "attend(layer ", layer, "): q and out must be [", shape_.q_heads, ", ",
@@ -291,14 +365,10 @@ class KVCache<Config, Cpu> {
     if (probabilities) probabilities->assign(storage_heads, {});
     std::vector<float> keys, values, query;
     for (int s = 0; s < storage_heads; ++s) {
-      const auto& store = data.heads[s];
-      const std::int64_t n = store.size();
+      // Dequantized rows (a merged layer's restored in position order, layer sharing).
+      const std::int64_t n = head_rows(data, s, keys, values);
       KVC_CHECK(n > 0, "attend(layer ", layer, "): storage head ", s, " is empty");
-      keys.resize(static_cast<std::size_t>(n) * d);
-      values.resize(static_cast<std::size_t>(n) * d);
       auto key_view = make_view(keys.data(), {n, d});
-      store.keys(key_view);
-      store.values(make_view(values.data(), {n, d}));
       query.resize(static_cast<std::size_t>(per_store) * d);
       for (int h = 0; h < per_store; ++h)
         for (int c = 0; c < d; ++c) query[h * d + c] = q(s * per_store + h, c);
@@ -307,7 +377,7 @@ class KVCache<Config, Cpu> {
         // position to the in-cache index of the newest token.
         std::vector<std::int32_t> deltas(n);
         for (std::int64_t i = 0; i < n; ++i)
-          deltas[i] = static_cast<std::int32_t>(i) - store.positions()[i];
+          deltas[i] = static_cast<std::int32_t>(i) - head_positions(data, s)[i];
         ops::rope_rotate(Cpu{}, options_.rope, key_view, deltas);
         std::vector<std::int32_t> query_delta(
             per_store, static_cast<std::int32_t>(n - 1) - (data.next_position - 1));
@@ -319,7 +389,12 @@ class KVCache<Config, Cpu> {
       auto k_view = make_view(static_cast<const float*>(keys.data()), {1, n, d});
       auto v_view = make_view(static_cast<const float*>(values.data()), {1, n, d});
       auto o_view = make_view(head_out.data(), {per_store, d});
-      if (probabilities) {
+      if (key_projection_.active()) {  // its keys, on the rows it selects (kv/key_projection.hpp)
+        attend_projected(key_projection_, data.projection, s, q_view,
+                         make_view(static_cast<const float*>(keys.data()), {n, d}),
+                         make_view(static_cast<const float*>(values.data()), {n, d}), o_view,
+                         probabilities ? &(*probabilities)[s] : nullptr, options_.attention);
+      } else if (probabilities) {
         (*probabilities)[s].resize(static_cast<std::size_t>(per_store) * n);
         ops::decode_attention(Cpu{}, q_view, k_view, v_view, o_view,
                               make_view((*probabilities)[s].data(), {per_store, n}),
@@ -335,7 +410,8 @@ class KVCache<Config, Cpu> {
   // Hands this step's query to decode-time policies that score by attention (H2O-style).
   void observe(int layer, HostView<const float, 2> q) {  // [Hq, D]
     LayerData& data = ready_layer(layer, "observe");
-    if (!eviction_.observes_attention()) return;
+    if (data.share.reader(layer)) return;  // a CLA reader holds nothing; its source observes
+    if (!eviction_.observes_attention() && !merge_observes()) return;
     std::vector<float> scratch(static_cast<std::size_t>(shape_.q_heads) * shape_.head_dim);
     attend(layer, q, make_view(scratch.data(), {shape_.q_heads, shape_.head_dim}), &data.observed);
     data.has_observation = true;
@@ -344,6 +420,7 @@ class KVCache<Config, Cpu> {
   // The decode-time part of the pipeline, after the step's forward: eviction, then quant flushes.
   void step(int layer) {
     LayerData& data = ready_layer(layer, "step");
+    if (data.share.reader(layer)) return;  // a CLA reader holds nothing; its source steps
     // With a Quant that keeps evicted tokens (MiKV), eviction sees only the active
     // (high-precision) tokens: their counts and their attention columns, and what it drops is
     // demoted instead of removed.
@@ -370,6 +447,7 @@ class KVCache<Config, Cpu> {
                        : ranked              ? &active_probabilities
                                              : &data.observed;
     DecodeKeep keep = eviction_.decode(eviction_state_, in);
+    if (merge_.acts_on_decode()) merge_step(data, layer, sizes, keep);
     if (keep) {
       KVC_CHECK(keep->size() == data.heads.size(), policy_name(eviction_), " returned ",
                 keep->size(), " keep sets for ", data.heads.size(), " storage heads");
@@ -381,6 +459,8 @@ class KVCache<Config, Cpu> {
           }
         }
         data.heads[s].gather((*keep)[s]);
+        if (key_projection_.active())
+          key_projection_.gather(data.projection, static_cast<int>(s), (*keep)[s]);
       }
     }
     for (auto& store : data.heads) store.after_step(quant_);
@@ -391,6 +471,7 @@ class KVCache<Config, Cpu> {
   // Dense dequantized contents of every storage head of a layer.
   std::vector<HeadContents> materialize(int layer) const {
     const LayerData& data = ready_layer(layer, "materialize");
+    if (data.share.reader(layer) || data.share.merged) return materialize_shared(layer);
     std::vector<HeadContents> heads(data.heads.size());
     for (std::size_t s = 0; s < data.heads.size(); ++s) {
       const auto& store = data.heads[s];
@@ -400,27 +481,41 @@ class KVCache<Config, Cpu> {
       heads[s].keys.resize(static_cast<std::size_t>(n) * shape_.head_dim);
       heads[s].values.resize(static_cast<std::size_t>(n) * shape_.head_dim);
       store.keys(make_view(heads[s].keys.data(), {n, static_cast<std::int64_t>(shape_.head_dim)}));
+      if (key_projection_.active() && key_projection_.owns_keys())
+        projected_keys(
+            key_projection_, data.projection, static_cast<int>(s),
+            make_view(heads[s].keys.data(), {n, static_cast<std::int64_t>(shape_.head_dim)}));
       store.values(
           make_view(heads[s].values.data(), {n, static_cast<std::int64_t>(shape_.head_dim)}));
     }
     return heads;
   }
 
-  int storage_heads(int layer) const { return static_cast<int>(layer_data(layer).heads.size()); }
+  // A CLA reader answers with its source layer's storage; a merged layer (MiniCache) counts its
+  // shared and its own tokens, and store() is its own store (retained + decode-time tokens).
+  int storage_heads(int layer) const { return static_cast<int>(shared_data(layer).heads.size()); }
   int tokens(int layer, int storage_head) const {
-    return layer_data(layer).heads.at(storage_head).size();
+    const LayerData& data = shared_data(layer);
+    if (data.share.merged) return static_cast<int>(data.share.positions.at(storage_head).size());
+    return data.heads.at(storage_head).size();
   }
   std::span<const std::int32_t> positions(int layer, int storage_head) const {
-    return layer_data(layer).heads.at(storage_head).positions();
+    const LayerData& data = shared_data(layer);
+    if (data.share.merged) return data.share.positions.at(storage_head);
+    return data.heads.at(storage_head).positions();
   }
   const typename Quant::HeadStore& store(int layer, int storage_head) const {
-    return layer_data(layer).heads.at(storage_head);
+    return shared_data(layer).heads.at(storage_head);
   }
 
   // Exact bytes held: payload + quantization parameters, index bytes apart.
   StorageBytes bytes(int layer) const {
+    if (key_projection_.active())  // its keys + the stores' values (host when offloaded)
+      return projected_bytes(key_projection_, layer_data(layer).projection, quant_,
+                             layer_data(layer).heads);
     StorageBytes total;
     for (const auto& store : layer_data(layer).heads) total += store.bytes();
+    total += layer_data(layer).share.extra_bytes();  // merged pair: directions, magnitudes
     return total;
   }
   StorageBytes bytes() const {
@@ -442,8 +537,13 @@ class KVCache<Config, Cpu> {
     std::int64_t staged_query_count = 0;
     std::int32_t next_position = 0;
     bool compressed = false;
+    LayerShare<Quant> share;  // layer sharing: the layer's role, merged-pair storage
     std::vector<std::vector<float>> observed;  // [S][g', n_s] this step's probabilities
     bool has_observation = false;
+    // Key projection: its per-layer state and the staged pre-RoPE keys [Hkv, T, D] (or empty).
+    typename KeyProjection::LayerState projection{};
+    std::vector<float> staged_prerope;
+    std::int64_t staged_prerope_tokens = 0;
   };
 
   // MiKV-style Quant policies keep the tokens eviction drops (at low precision).
@@ -563,10 +663,263 @@ class KVCache<Config, Cpu> {
     }
   }
 
+  // ---- Merge slot (kvc/policies/merge) ---------------------------------------------------------
+  // Combinations that cannot work fail at construction, naming both stages.
+  void check_merge_combination() const {
+    if (!merge_.active()) return;
+    const bool evicts = policy_name(eviction_) != NoEviction::kName;
+    KVC_CHECK(!merge_.needs_eviction() || evicts, "cannot use ", policy_name(merge_),
+              " with eviction ", policy_name(eviction_), ": ", policy_name(merge_),
+              " merges the tokens an eviction policy drops and ", policy_name(eviction_),
+              " drops none; compose it after one, e.g. h2o(...)+", policy_name(merge_), "(...)");
+    KVC_CHECK(merge_.allows_eviction() || !evicts, "cannot combine ", policy_name(eviction_),
+              " with ", policy_name(merge_), ": ", policy_name(merge_),
+              " selects its own tokens; use it alone (eviction full)");
+    KVC_CHECK(!quant_keeps_evicted(), "cannot combine ", policy_name(merge_), " with ",
+              policy_name(quant_), ": ", policy_name(quant_),
+              " keeps the evicted tokens at low precision, so there is nothing to merge");
+    const bool merges_on_decode =
+        merge_.acts_on_decode() && (eviction_.evicts_on_decode() || !merge_.allows_eviction());
+    KVC_CHECK(!merges_on_decode || quant_.supports_decode_eviction(), "cannot combine ",
+              policy_name(merge_), " (rewrites or removes single tokens during decode) with ",
+              policy_name(quant_),
+              " (quantized groups span several tokens, so single tokens cannot be removed)");
+  }
+  bool merge_observes() const {
+    return merge_.observes_attention() && eviction_.evicts_on_decode();
+  }
+  // Per storage head copies of its source head's prompt rows, for the merge to rewrite.
+  MergeRows merge_rows(const PrefillInput& in, const Selection& selection) const {
+    MergeRows rows;
+    rows.tokens = in.keys.size(1);
+    rows.head_dim = shape_.head_dim;
+    rows.after_eviction = policy_name(eviction_) != NoEviction::kName;
+    for (int source : selection.source_head) {
+      const auto k = in.keys.sub(source), v = in.values.sub(source);
+      std::vector<float> keys, values;
+      for (std::int64_t t = 0; t < rows.tokens; ++t)
+        for (int c = 0; c < shape_.head_dim; ++c) {
+          keys.push_back(k(t, c));
+          values.push_back(v(t, c));
+        }
+      rows.keys.push_back(std::move(keys));
+      rows.values.push_back(std::move(values));
+      rows.mass.emplace_back(static_cast<std::size_t>(rows.tokens), 1.0);
+    }
+    return rows;
+  }
+  // After the eviction's decode decision: the merge folds what it drops (rewriting rows, which are
+  // re-loaded into their stores) or, with eviction full, may return its own keep sets.
+  void merge_step(LayerData& data, int layer, std::span<const int> sizes, DecodeKeep& keep) {
+    const std::size_t heads = data.heads.size();
+    KVC_CHECK(!keep || keep->size() == heads, policy_name(eviction_), " returned ",
+              keep ? keep->size() : 0, " keep sets for ", heads, " storage heads");
+    std::vector<std::vector<std::int32_t>> positions(heads);
+    for (std::size_t s = 0; s < heads; ++s)
+      positions[s].assign(data.heads[s].positions().begin(), data.heads[s].positions().end());
+    MergeDecodeInput in;
+    in.layer = layer;
+    in.num_layers = shape_.layers;
+    in.head_sizes = sizes;
+    in.positions = &positions;
+    in.probabilities = data.has_observation ? &data.observed : nullptr;
+    in.keep = &keep;
+    bool drops = false;
+    for (std::size_t s = 0; keep && s < heads; ++s)
+      drops = drops || static_cast<int>((*keep)[s].size()) < sizes[s];
+    MergeDecodeRows rows;
+    if (drops) {
+      rows.head_dim = shape_.head_dim;
+      rows.keys.resize(heads);
+      rows.values.resize(heads);
+      rows.changed.assign(heads, 0);
+      for (std::size_t s = 0; s < heads; ++s) {
+        const std::int64_t n = data.heads[s].size();
+        rows.keys[s].resize(static_cast<std::size_t>(n) * shape_.head_dim);
+        rows.values[s].resize(static_cast<std::size_t>(n) * shape_.head_dim);
+        data.heads[s].keys(make_view(rows.keys[s].data(), {n, rows.head_dim}));
+        data.heads[s].values(make_view(rows.values[s].data(), {n, rows.head_dim}));
+      }
+    }
+    DecodeKeep own = merge_.decode(merge_state_, in, drops ? &rows : nullptr);
+    if (own) {
+      KVC_CHECK(!keep, policy_name(merge_), " and ", policy_name(eviction_),
+                " both removed tokens in one decode step");
+      keep = std::move(own);
+    }
+    for (std::size_t s = 0; s < rows.changed.size(); ++s) {
+      if (!rows.changed[s]) continue;
+      const std::int64_t n = data.heads[s].size();
+      data.heads[s].load(
+          quant_, make_view(static_cast<const float*>(rows.keys[s].data()), {n, rows.head_dim}),
+          make_view(static_cast<const float*>(rows.values[s].data()), {n, rows.head_dim}),
+          positions[s]);
+    }
+  }
+
+  // ---- layer sharing (kvc/cache/shared_layers.hpp) ----
+  // The plan is fixed at construction, or at the first compress() when the policy chooses it from
+  // every layer's prompt keys (cla(share=...)). Merged pairs take no eviction, merge, key
+  // projection or MiKV-style quant: pairing needs the same tokens, whole, in both layers.
+  void init_layer_sharing() {
+    if (!layer_sharing_.needs_prompt_keys())
+      apply_sharing_plan(layer_sharing_.plan(SharingInput{shape_.layers, {}}));
+  }
+  void apply_sharing_plan(const SharingPlan& plan) {
+    const std::string name = sharing_name(layer_sharing_);
+    check_sharing_plan(plan, shape_.layers, name);
+    bool pairs = false;
+    for (int l = 0; l < shape_.layers; ++l) {
+      layers_[l].share.reads = plan.reads[l];
+      layers_[l].share.partner = plan.partner[l];
+      pairs = pairs || plan.partner[l] >= 0;
+    }
+    if (!pairs) return;
+    const char* why = " (merges the same prompt tokens of two adjacent layers)";
+    KVC_CHECK(policy_name(eviction_) == "full", "cannot combine ", policy_name(eviction_),
+              " (keeps different tokens per layer and head) with ", name, why,
+              "; use eviction 'full'");
+    KVC_CHECK(policy_name(merge_) == "none", "cannot combine ", policy_name(merge_),
+              " (merges tokens within a layer) with ", name, why);
+    KVC_CHECK(policy_name(key_projection_) == "none", "cannot combine ",
+              policy_name(key_projection_), " (stores keys in a projected form) with ", name, why);
+    KVC_CHECK(!quant_keeps_evicted(), "cannot combine ", policy_name(quant_),
+              " (keeps evicted tokens at low precision) with ", name, why);
+  }
+  // Runs compress() for a reading or merged layer; false for a layer that stores on its own.
+  bool compress_shared_layer(int layer, LayerData& data) {
+    if (data.share.reads < 0) plan_from_prompt_keys();
+    LayerShare<Quant>& share = data.share;
+    const int d = shape_.head_dim, hkv = shape_.kv_heads;
+    if (share.reader(layer)) {
+      data.heads.clear();
+      data.source_head.clear();
+    } else if (share.partner < 0) {
+      return false;
+    } else if (data.staged_tokens == 0 &&
+               !(share.partner < layer && layers_[share.partner].share.pending)) {
+      return false;  // an empty prompt (a cache decoding from scratch): nothing to merge
+    } else if (share.partner > layer) {  // lower layer: stored whole until its partner arrives
+      share.pending = true;
+      share.pending_keys = data.staged_keys;
+      share.pending_values = data.staged_values;
+      data.heads.assign(hkv, typename Quant::HeadStore{});
+      data.source_head.resize(hkv);
+      for (int h = 0; h < hkv; ++h) {
+        data.source_head[h] = h;
+        const auto rows = [&](const std::vector<float>& x) {
+          return make_view(x.data() + h * data.staged_tokens * d,
+                           {data.staged_tokens, static_cast<std::int64_t>(d)});
+        };
+        detail::introduce(quant_, data.heads[h], layer, h, rows(data.staged_keys),
+                          rows(data.staged_values));
+        data.heads[h].load(quant_, rows(data.staged_keys), rows(data.staged_values),
+                           data.staged_positions);
+      }
+    } else {  // upper layer: merge the pair
+      LayerData& lower = layers_[share.partner];
+      KVC_CHECK(lower.share.pending, sharing_name(layer_sharing_), ": layer ", layer,
+                " is merged with layer ", share.partner,
+                ", which holds no prompt to merge: compress", " layer ", share.partner,
+                " first, with the same prompt tokens");
+      const std::int64_t lower_tokens =
+          static_cast<std::int64_t>(lower.share.pending_keys.size()) / (hkv * d);
+      const auto view = [&](const std::vector<float>& x, std::int64_t t) {
+        return make_view(x.data(), {static_cast<std::int64_t>(hkv), t, std::int64_t{d}});
+      };
+      merge_layer_pair(quant_, layer_sharing_, share.partner, layer,
+                       view(lower.share.pending_keys, lower_tokens),
+                       view(lower.share.pending_values, lower_tokens),
+                       view(data.staged_keys, data.staged_tokens),
+                       view(data.staged_values, data.staged_tokens), data.staged_positions,
+                       lower.heads, data.heads, lower.share, share);
+      data.source_head.resize(hkv);
+      for (int h = 0; h < hkv; ++h) data.source_head[h] = h;
+      lower.share.pending = false;
+      lower.share.pending_keys = {};
+      lower.share.pending_values = {};
+    }
+    data.staged_keys.clear();
+    data.staged_values.clear();
+    data.staged_queries.clear();
+    data.staged_positions.clear();
+    data.staged_scores.clear();
+    data.staged_prerope.clear();
+    data.staged_prerope_tokens = 0;
+    data.staged_tokens = data.staged_query_count = 0;
+    data.compressed = true;
+    return true;
+  }
+  void plan_from_prompt_keys() {
+    std::vector<HostView<const float, 3>> keys;
+    for (int l = 0; l < shape_.layers; ++l) {
+      const LayerData& data = layers_[l];
+      KVC_CHECK(!data.compressed && data.staged_tokens > 0, sharing_name(layer_sharing_),
+                " chooses its layer map from every layer's prompt keys: prefill all ",
+                shape_.layers, " layers before the first compress() (layer ", l,
+                data.compressed ? " is already compressed)" : " holds no prompt)");
+      keys.push_back(make_view(data.staged_keys.data(),
+                               {static_cast<std::int64_t>(shape_.kv_heads), data.staged_tokens,
+                                static_cast<std::int64_t>(shape_.head_dim)}));
+    }
+    apply_sharing_plan(layer_sharing_.plan(SharingInput{shape_.layers, keys}));
+  }
+  void check_shared_append(int layer, LayerData& data, std::int32_t position) {
+    KVC_CHECK(!data.share.pending, sharing_name(layer_sharing_), ": layer ", layer,
+              " is merged with layer ", data.share.partner, "; compress layer ", data.share.partner,
+              " before decoding layer ", layer);
+    if (data.share.merged)
+      for (auto& p : data.share.positions) p.push_back(position);
+  }
+  // The layer whose storage `layer` attends to: itself, or a CLA reader's source.
+  const LayerData& storage_layer(int layer, const char* what) const {
+    const LayerData& data = ready_layer(layer, what);
+    return data.share.reader(layer) ? ready_layer(data.share.reads, what) : data;
+  }
+  const LayerData& shared_data(int layer) const {
+    const LayerData& data = layer_data(layer);
+    return data.share.reader(layer) ? layer_data(data.share.reads) : data;
+  }
+  // Dense rows [n, D] of storage head s; a merged layer's restored in position order.
+  std::int64_t head_rows(const LayerData& data, int s, std::vector<float>& keys,
+                         std::vector<float>& values) const {
+    const int d = shape_.head_dim;
+    const auto& store = data.heads[s];
+    if (data.share.merged) {
+      const LayerData& lower = layers_[std::min(data.share.reads, data.share.partner)];
+      return merged_rows(lower.share.shared[s], data.share.key_magnitude[s],
+                         data.share.value_magnitude[s], store, d, keys, values);
+    }
+    const std::int64_t n = store.size();
+    keys.resize(static_cast<std::size_t>(n) * d);
+    values.resize(static_cast<std::size_t>(n) * d);
+    store.keys(make_view(keys.data(), {n, static_cast<std::int64_t>(d)}));
+    store.values(make_view(values.data(), {n, static_cast<std::int64_t>(d)}));
+    return n;
+  }
+  std::span<const std::int32_t> head_positions(const LayerData& data, int s) const {
+    if (data.share.merged) return data.share.positions[s];
+    return data.heads[s].positions();
+  }
+  std::vector<HeadContents> materialize_shared(int layer) const {
+    const LayerData& data = layer_data(layer);
+    if (data.share.reader(layer)) return materialize(data.share.reads);
+    std::vector<HeadContents> heads(data.heads.size());
+    for (std::size_t s = 0; s < data.heads.size(); ++s) {
+      heads[s].source_head = data.source_head[s];
+      const auto p = head_positions(data, static_cast<int>(s));
+      heads[s].positions.assign(p.begin(), p.end());
+      head_rows(data, static_cast<int>(s), heads[s].keys, heads[s].values);
+    }
+    return heads;
+  }
+  // ---- end layer sharing ----
+
   CacheShape shape_;
   CacheOptions options_{};
   Eviction eviction_{};
   Merge merge_{};
+  typename Merge::State merge_state_{};  // one per cache (request), shared by all layers
   Quant quant_{};
   KeyProjection key_projection_{};
   LayerSharing layer_sharing_{};

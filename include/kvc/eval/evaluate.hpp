@@ -17,6 +17,8 @@
 //   bits_per_value = 8 * bytes / (2 * L * Hkv * prefix * D): stored bits (payload + scales) per K/V
 //                 element of the prefix (16 for full)
 //   index_bytes = the int32 positions, reported apart
+//   host_bytes  = a tier held in host memory (ShadowKV's offloaded values), reported apart and
+//                 not part of bytes (which is what the accelerator holds)
 #pragma once
 
 #include <cstdint>
@@ -51,6 +53,7 @@ struct PolicyResult {
   double compression_ratio = 0;
   double bits_per_value = 0;
   std::int64_t index_bytes = 0;
+  std::int64_t host_bytes = 0;
   std::vector<LayerResult> layers;
 };
 

@@ -27,6 +27,13 @@
 #include "kvc/policies/eviction/streaming_llm.hpp"
 #include "kvc/policies/eviction/tova.hpp"
 #include "kvc/policies/eviction/windowkv.hpp"
+#include "kvc/policies/keyproj/loki.hpp"
+#include "kvc/policies/keyproj/palu.hpp"
+#include "kvc/policies/keyproj/shadowkv.hpp"
+#include "kvc/policies/keyproj/think.hpp"
+#include "kvc/policies/merge/cam.hpp"
+#include "kvc/policies/merge/elastic_cache.hpp"
+#include "kvc/policies/merge/kvmerger.hpp"
 #include "kvc/policies/quant/coupled.hpp"
 #include "kvc/policies/quant/dense.hpp"
 #include "kvc/policies/quant/fp8.hpp"
@@ -34,22 +41,33 @@
 #include "kvc/policies/quant/kivi.hpp"
 #include "kvc/policies/quant/mikv.hpp"
 #include "kvc/policies/quant/vidkv.hpp"
+#include "kvc/policies/sharing/cla.hpp"
+#include "kvc/policies/sharing/minicache.hpp"
 
 namespace kvc {
 
 using RuntimeEviction = AnyEviction<NoEviction, StreamingLlm, SnapKv, H2o, Tova, Knorm, PyramidKv,
                                     AdaKv, DuoAttention, Locret, PrefixKv, Moa, WindowKv>;
+using RuntimeMerge = AnyMerge<NoMerge, KvMerger, Cam, ElasticCache>;
 using RuntimeQuant = AnyQuant<NoQuant, Kivi, IntPerToken, Fp8, CoupledQuant, VidKv, Mikv>;
+using RuntimeKeyProjection = AnyKeyProjection<NoKeyProjection, ShadowKv, Think, Loki, Palu>;
+using RuntimeLayerSharing = AnyLayerSharing<NoLayerSharing, MiniCache, Cla>;
 
 struct RuntimeConfig : DefaultConfig {
   using Eviction = RuntimeEviction;
+  using Merge = RuntimeMerge;
   using Quant = RuntimeQuant;
+  using KeyProjection = RuntimeKeyProjection;
+  using LayerSharing = RuntimeLayerSharing;
 };
 using RuntimeCache = KVCache<RuntimeConfig, Cpu>;
 
 struct RuntimePolicies {
   RuntimeEviction eviction{NoEviction{}};
+  RuntimeMerge merge{NoMerge{}};
   RuntimeQuant quant{NoQuant{}};
+  RuntimeKeyProjection key_projection{NoKeyProjection{}};
+  RuntimeLayerSharing layer_sharing{NoLayerSharing{}};
 };
 
 // Parses and validates a spec (kvc/eval/spec.hpp grammar) into the policies of each slot.

@@ -70,6 +70,59 @@ struct AnyEviction {
   }
 };
 
+// ---- Merge slot --------------------------------------------------------------------------------
+template <class... Policies>
+struct AnyMerge {
+  static_assert((MergePolicy<Policies> && ...));
+  static constexpr std::string_view kName = "any-merge";
+  static constexpr PolicyKind kKind = PolicyKind::merge;
+
+  std::variant<Policies...> policy;
+
+  struct State {
+    std::variant<typename Policies::State...> state;
+  };
+
+  std::string_view name() const {
+    return std::visit(
+        [](const auto& p) { return std::string_view(std::decay_t<decltype(p)>::kName); }, policy);
+  }
+  void validate() const {
+    std::visit([](const auto& p) { p.validate(); }, policy);
+  }
+  bool active() const {
+    return std::visit([](const auto& p) { return p.active(); }, policy);
+  }
+  bool needs_eviction() const {
+    return std::visit([](const auto& p) { return p.needs_eviction(); }, policy);
+  }
+  bool allows_eviction() const {
+    return std::visit([](const auto& p) { return p.allows_eviction(); }, policy);
+  }
+  bool acts_on_decode() const {
+    return std::visit([](const auto& p) { return p.acts_on_decode(); }, policy);
+  }
+  bool observes_attention() const {
+    return std::visit([](const auto& p) { return p.observes_attention(); }, policy);
+  }
+  void prefill(State& s, const PrefillInput& in, Selection& selection, MergeRows& rows) const {
+    std::visit(
+        [&](const auto& p) {
+          using P = std::decay_t<decltype(p)>;
+          p.prefill(detail::ensure_alternative<typename P::State>(s.state), in, selection, rows);
+        },
+        policy);
+  }
+  DecodeKeep decode(State& s, const MergeDecodeInput& in, MergeDecodeRows* rows) const {
+    return std::visit(
+        [&](const auto& p) {
+          using P = std::decay_t<decltype(p)>;
+          return p.decode(detail::ensure_alternative<typename P::State>(s.state), in, rows);
+        },
+        policy);
+  }
+};
+
 template <class... Policies>
 struct AnyQuant {
   static_assert((QuantPolicy<Policies> && ...));
@@ -210,6 +263,132 @@ struct AnyQuant {
     }
     std::variant<typename Policies::HeadStore...> store_;
   };
+};
+
+// ---- layer sharing (MiniCache, CLA): stateless, so the adapter only forwards ------------------
+template <class... Policies>
+struct AnyLayerSharing {
+  static_assert((LayerSharingPolicy<Policies> && ...));
+  static constexpr std::string_view kName = "any-layer-sharing";
+  static constexpr PolicyKind kKind = PolicyKind::layer_sharing;
+
+  std::variant<Policies...> policy;
+
+  std::string_view name() const {
+    return std::visit(
+        [](const auto& p) { return std::string_view(std::decay_t<decltype(p)>::kName); }, policy);
+  }
+  void validate() const {
+    std::visit([](const auto& p) { p.validate(); }, policy);
+  }
+  bool needs_prompt_keys() const {
+    return std::visit([](const auto& p) { return p.needs_prompt_keys(); }, policy);
+  }
+  SharingPlan plan(const SharingInput& in) const {
+    return std::visit([&](const auto& p) { return p.plan(in); }, policy);
+  }
+  SharedHead merge(const LayerPair& pair) const {
+    return std::visit([&](const auto& p) { return p.merge(pair); }, policy);
+  }
+};
+
+// ---- key projection (ShadowKV, ThinK, Loki, Palu): per-layer state as a variant ----------------
+template <class... Policies>
+struct AnyKeyProjection {
+  static_assert((KeyProjectionPolicy<Policies> && ...));
+  static constexpr std::string_view kName = "any-key-projection";
+  static constexpr PolicyKind kKind = PolicyKind::key_projection;
+
+  std::variant<Policies...> policy;
+
+  struct LayerState {
+    std::variant<typename Policies::LayerState...> state;
+  };
+
+  std::string_view name() const {
+    return std::visit(
+        [](const auto& p) { return std::string_view(std::decay_t<decltype(p)>::kName); }, policy);
+  }
+  void validate() const {
+    std::visit([](const auto& p) { p.validate(); }, policy);
+  }
+  bool active() const {
+    return call([](const auto& p) { return p.active(); });
+  }
+  bool needs_prerope() const {
+    return call([](const auto& p) { return p.needs_prerope(); });
+  }
+  bool owns_keys() const {
+    return call([](const auto& p) { return p.owns_keys(); });
+  }
+  bool supports_decode_eviction() const {
+    return call([](const auto& p) { return p.supports_decode_eviction(); });
+  }
+  bool needs_all_tokens() const {
+    return call([](const auto& p) { return p.needs_all_tokens(); });
+  }
+  bool offloads_values(const LayerState& s) const {
+    return with(s, [](const auto& p, const auto& st) { return p.offloads_values(st); });
+  }
+  void prefill(LayerState& s, const KeyProjectionInput& in) const {
+    with(s, [&](const auto& p, auto& st) { p.prefill(st, in); });
+  }
+  void load_head(LayerState& s, int head, HostView<const float, 2> keys,
+                 std::span<const std::int32_t> positions) const {
+    with(s, [&](const auto& p, auto& st) { p.load_head(st, head, keys, positions); });
+  }
+  void append(LayerState& s, int head, const float* key, const float* value,
+              std::int32_t position) const {
+    with(s, [&](const auto& p, auto& st) { p.append(st, head, key, value, position); });
+  }
+  KeyRows select(const LayerState& s, int head, HostView<const float, 2> queries,
+                 HostView<const float, 2> keys) const {
+    return with(s,
+                [&](const auto& p, const auto& st) { return p.select(st, head, queries, keys); });
+  }
+  void keys(const LayerState& s, int head, std::span<const std::int32_t> rows,
+            HostView<float, 2> out) const {
+    with(s, [&](const auto& p, const auto& st) { p.keys(st, head, rows, out); });
+  }
+  void patch_values(const LayerState& s, int head, std::span<const std::int32_t> rows,
+                    HostView<float, 2> values) const {
+    with(s, [&](const auto& p, const auto& st) { p.patch_values(st, head, rows, values); });
+  }
+  void gather(LayerState& s, int head, std::span<const std::int32_t> keep) const {
+    with(s, [&](const auto& p, auto& st) { p.gather(st, head, keep); });
+  }
+  StorageBytes bytes(const LayerState& s) const {
+    return with(s, [](const auto& p, const auto& st) { return p.bytes(st); });
+  }
+
+ private:
+  template <class F>
+  auto call(F&& f) const {
+    return std::visit(f, policy);
+  }
+  // The policy held and its alternative of the state (created on first mutable use; a const
+  // state that was never prefilled reads a default one).
+  template <class F>
+  auto with(LayerState& s, F&& f) const {
+    return std::visit(
+        [&](const auto& p) {
+          using P = std::decay_t<decltype(p)>;
+          return f(p, detail::ensure_alternative<typename P::LayerState>(s.state));
+        },
+        policy);
+  }
+  template <class F>
+  auto with(const LayerState& s, F&& f) const {
+    return std::visit(
+        [&](const auto& p) {
+          using P = std::decay_t<decltype(p)>;
+          using S = typename P::LayerState;
+          if (const S* st = std::get_if<S>(&s.state)) return f(p, *st);
+          static const S empty{};
+          return f(p, empty);
+        },
+        policy);
+  }
 };
 
 }  // namespace kvc
