@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "bench_support.hpp"
 #include "kvc/core/cuda_runtime.hpp"
 #include "kvc/core/dtype.hpp"
 #include "kvc/ops/selection.hpp"
@@ -26,44 +27,13 @@ namespace {
 
 namespace rt = kvc::cuda_runtime;
 namespace ops = kvc::ops;
+using kvc_bench::bytes_view;
 
-constexpr std::size_t kMinRotationBytes = 512ull << 20;
 constexpr int kTimedCalls = 20;
 constexpr std::int64_t kQHeads = 32, kKvHeads = 8, kHeadDim = 128, kWindow = 32, kBudget = 2048;
 constexpr int kKernel = 7;
 
-// Random bf16 in [-2, 2) from a xorshift generator (fast enough for 128K-token layers).
-rt::DeviceBuffer random_bf16(std::size_t count, std::uint32_t seed) {
-  std::vector<kvc::bf16> host(count);
-  std::uint32_t x = seed * 2654435761u + 1;
-  for (auto& value : host) {
-    x ^= x << 13;
-    x ^= x >> 17;
-    x ^= x << 5;
-    value = kvc::bf16(static_cast<float>(x >> 8) * (4.0f / 16777216.0f) - 2.0f);
-  }
-  rt::DeviceBuffer buffer(count * sizeof(kvc::bf16));
-  rt::copy_host_to_device(buffer.data(), host.data(), buffer.bytes(), kvc::Cuda{});
-  return buffer;
-}
-
-template <class F>
-double median_ms(F&& call) {
-  auto* start = rt::create_event();
-  auto* stop = rt::create_event();
-  for (int i = 0; i < 3; ++i) call(i);  // warm-up
-  std::vector<float> times;
-  for (int i = 0; i < kTimedCalls; ++i) {
-    rt::record_event(start, kvc::Cuda{});
-    call(i);
-    rt::record_event(stop, kvc::Cuda{});
-    times.push_back(rt::elapsed_ms(start, stop));
-  }
-  rt::destroy_event(start);
-  rt::destroy_event(stop);
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
-}
+double median_ms(auto&& call) { return kvc_bench::median_ms(call, kTimedCalls); }
 
 struct Layer {
   std::vector<rt::DeviceBuffer> q, k, v;  // per set: [Hq, W, D], [Hkv, T, D], [Hkv, T, D]
@@ -74,18 +44,14 @@ Layer make_layer(std::int64_t tokens) {
   Layer layer;
   const std::size_t kv_elements = static_cast<std::size_t>(kKvHeads * tokens * kHeadDim);
   const std::size_t set_bytes = 2 * kv_elements * sizeof(kvc::bf16);
-  layer.sets =
-      static_cast<int>(std::max<std::size_t>(1, (kMinRotationBytes + set_bytes - 1) / set_bytes));
+  layer.sets = kvc_bench::rotation_sets(set_bytes);
   for (int s = 0; s < layer.sets; ++s) {
-    layer.q.push_back(random_bf16(static_cast<std::size_t>(kQHeads * kWindow * kHeadDim), 7 + s));
-    layer.k.push_back(random_bf16(kv_elements, 100 + 2 * s));
-    layer.v.push_back(random_bf16(kv_elements, 101 + 2 * s));
+    layer.q.push_back(kvc_bench::xorshift_random_bf16(
+        static_cast<std::size_t>(kQHeads * kWindow * kHeadDim), 7 + s));
+    layer.k.push_back(kvc_bench::xorshift_random_bf16(kv_elements, 100 + 2 * s));
+    layer.v.push_back(kvc_bench::xorshift_random_bf16(kv_elements, 101 + 2 * s));
   }
   return layer;
-}
-
-kvc::DeviceView<std::byte, 1> bytes_view(const rt::DeviceBuffer& buffer) {
-  return kvc::make_device_view(buffer.as<std::byte>(), {static_cast<std::int64_t>(buffer.bytes())});
 }
 
 void snapkv_selection(benchmark::State& state) {
@@ -132,14 +98,13 @@ void snapkv_selection(benchmark::State& state) {
                kvc::make_device_view(keep.as<std::int32_t>(), {kKvHeads, selected}),
                bytes_view(topk_workspace));
   };
-  double total_ms = 0;
-  for (auto _ : state) {
-    total_ms = median_ms([&](int i) {
-      select(i);
-      compact(i);
-    });
-    state.SetIterationTime(total_ms / 1e3);
-  }
+  const double total_ms = kvc_bench::time_iterations(
+      state,
+      [&](int i) {
+        select(i);
+        compact(i);
+      },
+      kTimedCalls);
   state.counters["ms"] = total_ms;
   state.counters["scores_ms"] = median_ms(scores);
   state.counters["topk_ms"] = median_ms(top);
@@ -157,7 +122,7 @@ void compaction(benchmark::State& state) {
   rt::DeviceBuffer keep(host_keep.size() * sizeof(std::int32_t));
   rt::copy_host_to_device(keep.data(), host_keep.data(), keep.bytes(), kvc::Cuda{});
   const std::size_t kept_bytes = static_cast<std::size_t>(kKvHeads * kept * kHeadDim) * 2;
-  rt::DeviceBuffer k_out(kept_bytes), v_out(kept_bytes), copy_out(2 * kept_bytes);
+  rt::DeviceBuffer k_out(kept_bytes), v_out(kept_bytes);
   auto compact = [&](int i) {
     const int s = i % layer.sets;
     ops::compact_rows(
@@ -167,19 +132,12 @@ void compaction(benchmark::State& state) {
         kvc::make_device_view(k_out.as<kvc::bf16>(), {kKvHeads, kept, kHeadDim}),
         kvc::make_device_view(v_out.as<kvc::bf16>(), {kKvHeads, kept, kHeadDim}));
   };
-  auto copy = [&](int i) {  // the same K + V byte count, sources rotating likewise
-    const int s = i % layer.sets;
-    rt::copy_device_to_device(copy_out.data(), layer.k[s].data(), 2 * kept_bytes, kvc::Cuda{});
-  };
-  const double copy_ms = median_ms(copy);
-  double compact_ms = 0;
-  for (auto _ : state) {
-    compact_ms = median_ms(compact);
-    state.SetIterationTime(compact_ms / 1e3);
-  }
+  // The copy: the same K + V byte count, sources rotating likewise.
+  const double copy_ms = kvc_bench::copy_ms(layer.k, 2 * kept_bytes, kTimedCalls);
+  const double compact_ms = kvc_bench::time_iterations(state, compact, kTimedCalls);
   state.counters["ms"] = compact_ms;
   state.counters["GB_per_s"] = 2.0 * 2 * kept_bytes / (compact_ms / 1e3) / 1e9;
-  state.counters["copy_GB_per_s"] = 2.0 * 2 * kept_bytes / (copy_ms / 1e3) / 1e9;
+  state.counters["copy_GB_per_s"] = kvc_bench::copy_bytes_per_s(2 * kept_bytes, copy_ms) / 1e9;
   state.counters["frac_copy"] = copy_ms / compact_ms;
 }
 

@@ -13,6 +13,7 @@
 #include <set>
 #include <vector>
 
+#include "cuda/support.hpp"
 #include "kvc/core/cuda_runtime.hpp"
 #include "kvc/core/dtype.hpp"
 #include "kvc/eval/dump.hpp"
@@ -26,30 +27,11 @@ namespace rt = kvc::cuda_runtime;
 namespace ops = kvc::ops;
 using kvc::Cuda;
 
-template <class T>
-rt::DeviceBuffer upload(const std::vector<T>& x) {
-  rt::DeviceBuffer buffer(std::max<std::size_t>(x.size(), 1) * sizeof(T));
-  rt::copy_host_to_device(buffer.data(), x.data(), x.size() * sizeof(T), Cuda{});
-  return buffer;
-}
-
-template <class T>
-std::vector<T> download(const rt::DeviceBuffer& buffer, std::size_t count) {
-  std::vector<T> x(count);
-  rt::copy_device_to_host(x.data(), buffer.data(), count * sizeof(T), Cuda{});
-  rt::synchronize(Cuda{});
-  return x;
-}
-
-rt::DeviceBuffer poisoned(std::size_t bytes, unsigned char value = 0xFF) {
-  rt::DeviceBuffer buffer(std::max<std::size_t>(bytes, 1));
-  rt::fill_bytes(buffer.data(), value, buffer.bytes(), Cuda{});
-  return buffer;
-}
-
-kvc::DeviceView<std::byte, 1> bytes_view(const rt::DeviceBuffer& buffer) {
-  return kvc::make_device_view(buffer.as<std::byte>(), {static_cast<std::int64_t>(buffer.bytes())});
-}
+using kvc::test::bytes_view;
+using kvc::test::download;
+using kvc::test::dump_path;
+using kvc::test::poisoned;
+using kvc::test::upload;
 
 struct ScoreCase {
   int q_heads, kv_heads, head_dim, tokens, window, kernel;
@@ -249,12 +231,6 @@ std::vector<std::int32_t> gpu_top_k(const std::vector<float>& scores, int rows, 
   ops::top_k(Cuda{}, kvc::make_device_view(d_scores.as<const float>(), {rows, n}), k,
              kvc::make_device_view(indices.as<std::int32_t>(), {rows, k}), bytes_view(workspace));
   return download<std::int32_t>(indices, static_cast<std::size_t>(rows) * k);
-}
-
-std::filesystem::path dump_path() {
-  std::filesystem::path data = std::filesystem::path(KVC_TEST_DATA_DIR) / "seq0";
-  if (!std::filesystem::exists(data)) data = "tests/data/seq0";
-  return data;
 }
 
 }  // namespace
