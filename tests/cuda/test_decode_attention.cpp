@@ -5,9 +5,9 @@
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
-#include <random>
 #include <vector>
 
+#include "cuda/support.hpp"
 #include "kvc/core/cuda_runtime.hpp"
 #include "kvc/core/dtype.hpp"
 #include "kvc/eval/dump.hpp"
@@ -22,37 +22,15 @@ struct Case {
   std::vector<int> lengths;
 };
 
-template <class Storage>
-struct HostInputs {
-  std::vector<Storage> q, k, v;  // [B, Hq, D], [B, Hkv, Tmax, D], [B, Hkv, Tmax, D]
-};
-
-template <class Storage>
-HostInputs<Storage> random_inputs(const Case& c, std::uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> gaussian(0.0f, 1.0f);
-  HostInputs<Storage> in;
-  in.q.resize(static_cast<std::size_t>(c.batch) * c.q_heads * c.head_dim);
-  in.k.resize(static_cast<std::size_t>(c.batch) * c.kv_heads * c.max_length * c.head_dim);
-  in.v.resize(in.k.size());
-  for (auto& x : in.q) x = Storage(gaussian(rng));
-  for (auto& x : in.k) x = Storage(gaussian(rng));
-  for (auto& x : in.v) x = Storage(gaussian(rng) * 2.0f);
-  return in;
-}
+using kvc::test::HostInputs;
+using kvc::test::random_inputs;
+using kvc::test::upload;
 
 template <class Storage>
 std::vector<float> to_float(const std::vector<Storage>& x) {
   std::vector<float> out(x.size());
   for (std::size_t i = 0; i < x.size(); ++i) out[i] = static_cast<float>(x[i]);
   return out;
-}
-
-template <class Storage>
-rt::DeviceBuffer upload(const std::vector<Storage>& x) {
-  rt::DeviceBuffer buffer(x.size() * sizeof(Storage));
-  rt::copy_host_to_device(buffer.data(), x.data(), x.size() * sizeof(Storage), kvc::Cuda{});
-  return buffer;
 }
 
 // Runs the GPU op and compares every element with the fp32 CPU reference on the same (rounded)
@@ -72,13 +50,14 @@ void check_case(const Case& c, const HostInputs<Storage>& in, double unit_roundo
       c.batch, c.q_heads, c.kv_heads, c.head_dim, c.max_length);
   rt::DeviceBuffer workspace(std::max<std::size_t>(workspace_floats, 1) * sizeof(float));
   rt::fill_bytes(workspace.data(), 0xFF, workspace.bytes(), kvc::Cuda{});
-  kvc::ops::decode_attention(
-      kvc::Cuda{}, kvc::make_device_view(q.template as<const Storage>(), {b, hq, d}),
-      kvc::make_device_view(k.template as<const Storage>(), {b, hkv, t, d}),
-      kvc::make_device_view(v.template as<const Storage>(), {b, hkv, t, d}),
-      kvc::make_device_view(lengths.template as<const std::int32_t>(), {b}),
-      kvc::make_device_view(out.template as<Storage>(), {b, hq, d}),
-      kvc::make_device_view(workspace.template as<float>(), {static_cast<std::int64_t>(workspace_floats)}));
+  kvc::ops::decode_attention(kvc::Cuda{},
+                             kvc::make_device_view(q.template as<const Storage>(), {b, hq, d}),
+                             kvc::make_device_view(k.template as<const Storage>(), {b, hkv, t, d}),
+                             kvc::make_device_view(v.template as<const Storage>(), {b, hkv, t, d}),
+                             kvc::make_device_view(lengths.template as<const std::int32_t>(), {b}),
+                             kvc::make_device_view(out.template as<Storage>(), {b, hq, d}),
+                             kvc::make_device_view(workspace.template as<float>(),
+                                                   {static_cast<std::int64_t>(workspace_floats)}));
   std::vector<Storage> result(static_cast<std::size_t>(b * hq * d));
   rt::copy_device_to_host(result.data(), out.data(), out.bytes(), kvc::Cuda{});
   rt::synchronize(kvc::Cuda{});
@@ -145,10 +124,7 @@ TEST_CASE("cuda decode attention (f16) equals the reference", "[cuda][attention]
 }
 
 TEST_CASE("cuda decode attention on the bundled real dump", "[cuda][attention]") {
-  // The binary may run on another machine from the repository root: try the configured path, then
-  // the relative one.
-  std::filesystem::path data = std::filesystem::path(KVC_TEST_DATA_DIR) / "seq0";
-  if (!std::filesystem::exists(data)) data = "tests/data/seq0";
+  const std::filesystem::path data = kvc::test::dump_path();
   REQUIRE(std::filesystem::exists(data));
   const kvc::KvDump dump = kvc::load_dump(data);
   const int t = 511;
