@@ -6,6 +6,7 @@
 
 #include "kvc/ops/attention.hpp"
 #include "kvc/ops/quantize.hpp"
+#include "kvc/ops/quantized_attention.hpp"
 #include "kvc/ops/rope.hpp"
 #include "kvc/ops/scores.hpp"
 #include "kvc/ops/select.hpp"
