@@ -21,8 +21,10 @@
 #include <map>
 #include <random>
 #include <tuple>
+#include <utility>
 #include <vector>
 
+#include "bench_support.hpp"
 #include "kvc/core/cuda_runtime.hpp"
 #include "kvc/core/dtype.hpp"
 #include "kvc/ops/attention.hpp"
@@ -33,7 +35,6 @@ namespace {
 namespace rt = kvc::cuda_runtime;
 using kvc::MemorySpace;
 
-constexpr std::size_t kMinRotationBytes = 512ull << 20;
 constexpr int kTimedCalls = 30;
 constexpr std::size_t kPoolBytes = 64ull << 20;
 
@@ -82,25 +83,9 @@ rt::DeviceBuffer filled(std::size_t bytes, const std::vector<unsigned char>& poo
 
 template <class F>
 double median_ms(F&& call) {
-  auto* start = rt::create_event();
-  auto* stop = rt::create_event();
-  for (int i = 0; i < 3; ++i) call(i);
-  std::vector<float> times;
-  for (int i = 0; i < kTimedCalls; ++i) {
-    rt::record_event(start, kvc::Cuda{});
-    call(i);
-    rt::record_event(stop, kvc::Cuda{});
-    times.push_back(rt::elapsed_ms(start, stop));
-  }
-  rt::destroy_event(start);
-  rt::destroy_event(stop);
-  std::sort(times.begin(), times.end());
-  return times[times.size() / 2];
+  return kvc_bench::median_ms(std::forward<F>(call), kTimedCalls);
 }
-
-int sets_for(std::size_t bytes) {
-  return static_cast<int>(std::max<std::size_t>(1, (kMinRotationBytes + bytes - 1) / bytes));
-}
+int sets_for(std::size_t bytes) { return kvc_bench::rotation_sets(bytes); }
 
 // kvc's dense bf16 decode attention on the same shape (cached per shape within the run).
 double dense_ms(std::int64_t batch, std::int64_t q_heads, std::int64_t kv_heads, std::int64_t d,
@@ -261,20 +246,13 @@ void quantized_decode_attention(benchmark::State& state) {
       kvc::ops::decode_attention(kvc::Cuda{}, qv_view, cache, out_view, ws_view);
     }
   };
-  rt::DeviceBuffer copy_destination(bytes_read);
-  rt::DeviceBuffer copy_source = filled(bytes_read, byte_pool());
-  const double copy_ms = median_ms([&](int) {
-    rt::copy_device_to_device(copy_destination.data(), copy_source.data(), bytes_read, kvc::Cuda{});
-  });
+  const rt::DeviceBuffer copy_source[] = {filled(bytes_read, byte_pool())};
+  const double copy_ms = kvc_bench::copy_ms(copy_source, bytes_read, kTimedCalls);
   const double dense = dense_ms(batch, q_heads, kv_heads, d, t);
-  double ms = 0;
-  for (auto _ : state) {
-    ms = median_ms(attend);
-    state.SetIterationTime(ms / 1e3);
-  }
+  const double ms = kvc_bench::time_iterations(state, attend, kTimedCalls);
   const double dense_bytes = 4.0 * static_cast<double>(batch * kv_heads * t * d);
   const double bandwidth = bytes_read / (ms / 1e3),
-               copy_bandwidth = 2.0 * bytes_read / (copy_ms / 1e3);
+               copy_bandwidth = kvc_bench::copy_bytes_per_s(bytes_read, copy_ms);
   state.counters["ms"] = ms;
   state.counters["dense_ms"] = dense;
   state.counters["ratio_vs_dense"] = ms / dense;
