@@ -119,6 +119,63 @@ void unpack_codes(std::span<const std::uint32_t> words, int bits, std::span<std:
         unpack_field(words[i / per_word], static_cast<int>(i % per_word), bits));
 }
 
+namespace {
+
+// x [R, C] with rows and columns swapped: [C, R], no copy.
+template <class T>
+HostView<T, 2> transposed(HostView<T, 2> x) {
+  return {x.data, {x.shape[1], x.shape[0]}, {x.strides[1], x.strides[0]}};
+}
+
+// Checks packed [rows, cols / per_word], scale and minimum [rows, cols / group]: the grouped
+// layout below, cols being the grouped axis.
+template <class Packed, class Params>
+void check_grouped_shapes(const char* op, int bits, int group, std::int64_t rows, std::int64_t cols,
+                          const Packed& packed, const Params& scale, const Params& minimum) {
+  const int per_word = codes_per_word(bits);
+  check_shape(op, "packed", packed.size(0), packed.size(1), rows, cols / per_word);
+  check_shape(op, "scale", scale.size(0), scale.size(1), rows, cols / group);
+  check_shape(op, "minimum", minimum.size(0), minimum.size(1), rows, cols / group);
+}
+
+// The grouped layout both KIVI directions share, on rows x [R, C] quantized in groups of `group`
+// consecutive columns: packed [R, C / per_word], scale and minimum [R, C / group]. Per-channel
+// keys are the rows of the transposed keys, per-token values the rows of the values. The callers
+// check shapes first (their messages name keys or values).
+void quantize_grouped_rows(const char* op, HostView<const float, 2> x, int bits, int group,
+                           HostView<std::uint32_t, 2> packed, HostView<f16, 2> scale,
+                           HostView<f16, 2> minimum) {
+  const int per_word = codes_per_word(bits);
+  std::vector<float> row(static_cast<std::size_t>(group));
+  std::vector<std::uint8_t> codes(static_cast<std::size_t>(group));
+  std::vector<std::uint32_t> words(static_cast<std::size_t>(group / per_word));
+  for (std::int64_t r = 0; r < x.size(0); ++r) {
+    for (std::int64_t g = 0; g < x.size(1) / group; ++g) {
+      for (int i = 0; i < group; ++i) row[i] = x(r, g * group + i);
+      const GroupParams p = quantize_checked(op, row, bits, codes);
+      scale(r, g) = p.scale;
+      minimum(r, g) = p.minimum;
+      pack_codes(codes, bits, words);
+      for (std::size_t w = 0; w < words.size(); ++w)
+        packed(r, g * (group / per_word) + w) = words[w];
+    }
+  }
+}
+
+void dequantize_grouped_rows(HostView<const std::uint32_t, 2> packed, HostView<const f16, 2> scale,
+                             HostView<const f16, 2> minimum, int bits, int group,
+                             HostView<float, 2> x) {
+  const int per_word = codes_per_word(bits);
+  for (std::int64_t r = 0; r < x.size(0); ++r)
+    for (std::int64_t c = 0; c < x.size(1); ++c) {
+      const std::uint32_t code =
+          unpack_field(packed(r, c / per_word), static_cast<int>(c % per_word), bits);
+      x(r, c) = dequantize_code(code, GroupParams{scale(r, c / group), minimum(r, c / group)});
+    }
+}
+
+}  // namespace
+
 // Keys [n, D] -> packed [D, n / per_word]: packed(c, w) holds tokens w * per_word .. of channel c;
 // group g of channel c (tokens g * group ..) has scale(c, g), minimum(c, g).
 void quantize_keys_per_channel(Cpu, HostView<const float, 2> keys, int bits, int group,
@@ -127,26 +184,9 @@ void quantize_keys_per_channel(Cpu, HostView<const float, 2> keys, int bits, int
   constexpr const char* kOp = "quantize_keys_per_channel";
   const std::int64_t n = keys.size(0), d = keys.size(1);
   check_layout(kOp, bits, group, d, n, "token count n");
-  const int per_word = codes_per_word(bits);
-  check_shape(kOp, "packed", packed.size(0), packed.size(1), d, n / per_word);
-  check_shape(kOp, "scale", scale.size(0), scale.size(1), d, n / group);
-  check_shape(kOp, "minimum", minimum.size(0), minimum.size(1), d, n / group);
+  check_grouped_shapes(kOp, bits, group, d, n, packed, scale, minimum);
   check_finite(kOp, "keys", keys);
-
-  std::vector<float> x(static_cast<std::size_t>(group));
-  std::vector<std::uint8_t> codes(static_cast<std::size_t>(group));
-  std::vector<std::uint32_t> words(static_cast<std::size_t>(group / per_word));
-  for (std::int64_t c = 0; c < d; ++c) {
-    for (std::int64_t g = 0; g < n / group; ++g) {
-      for (int i = 0; i < group; ++i) x[i] = keys(g * group + i, c);
-      const GroupParams p = quantize_checked(kOp, x, bits, codes);
-      scale(c, g) = p.scale;
-      minimum(c, g) = p.minimum;
-      pack_codes(codes, bits, words);
-      for (std::size_t w = 0; w < words.size(); ++w)
-        packed(c, g * (group / per_word) + w) = words[w];
-    }
-  }
+  quantize_grouped_rows(kOp, transposed(keys), bits, group, packed, scale, minimum);
 }
 
 void dequantize_keys_per_channel(Cpu, HostView<const std::uint32_t, 2> packed,
@@ -155,17 +195,8 @@ void dequantize_keys_per_channel(Cpu, HostView<const std::uint32_t, 2> packed,
   constexpr const char* kOp = "dequantize_keys_per_channel";
   const std::int64_t n = keys.size(0), d = keys.size(1);
   check_layout(kOp, bits, group, d, n, "token count n");
-  const int per_word = codes_per_word(bits);
-  check_shape(kOp, "packed", packed.size(0), packed.size(1), d, n / per_word);
-  check_shape(kOp, "scale", scale.size(0), scale.size(1), d, n / group);
-  check_shape(kOp, "minimum", minimum.size(0), minimum.size(1), d, n / group);
-
-  for (std::int64_t c = 0; c < d; ++c)
-    for (std::int64_t t = 0; t < n; ++t) {
-      const std::uint32_t code =
-          unpack_field(packed(c, t / per_word), static_cast<int>(t % per_word), bits);
-      keys(t, c) = dequantize_code(code, GroupParams{scale(c, t / group), minimum(c, t / group)});
-    }
+  check_grouped_shapes(kOp, bits, group, d, n, packed, scale, minimum);
+  dequantize_grouped_rows(packed, scale, minimum, bits, group, transposed(keys));
 }
 
 // Values [n, D] -> packed [n, D / per_word]: packed(t, w) holds channels w * per_word .. of token
@@ -176,26 +207,9 @@ void quantize_values_per_token(Cpu, HostView<const float, 2> values, int bits, i
   constexpr const char* kOp = "quantize_values_per_token";
   const std::int64_t n = values.size(0), d = values.size(1);
   check_layout(kOp, bits, group, d, d, "head dim D");
-  const int per_word = codes_per_word(bits);
-  check_shape(kOp, "packed", packed.size(0), packed.size(1), n, d / per_word);
-  check_shape(kOp, "scale", scale.size(0), scale.size(1), n, d / group);
-  check_shape(kOp, "minimum", minimum.size(0), minimum.size(1), n, d / group);
+  check_grouped_shapes(kOp, bits, group, n, d, packed, scale, minimum);
   check_finite(kOp, "values", values);
-
-  std::vector<float> x(static_cast<std::size_t>(group));
-  std::vector<std::uint8_t> codes(static_cast<std::size_t>(group));
-  std::vector<std::uint32_t> words(static_cast<std::size_t>(group / per_word));
-  for (std::int64_t t = 0; t < n; ++t) {
-    for (std::int64_t g = 0; g < d / group; ++g) {
-      for (int i = 0; i < group; ++i) x[i] = values(t, g * group + i);
-      const GroupParams p = quantize_checked(kOp, x, bits, codes);
-      scale(t, g) = p.scale;
-      minimum(t, g) = p.minimum;
-      pack_codes(codes, bits, words);
-      for (std::size_t w = 0; w < words.size(); ++w)
-        packed(t, g * (group / per_word) + w) = words[w];
-    }
-  }
+  quantize_grouped_rows(kOp, values, bits, group, packed, scale, minimum);
 }
 
 void dequantize_values_per_token(Cpu, HostView<const std::uint32_t, 2> packed,
@@ -204,17 +218,8 @@ void dequantize_values_per_token(Cpu, HostView<const std::uint32_t, 2> packed,
   constexpr const char* kOp = "dequantize_values_per_token";
   const std::int64_t n = values.size(0), d = values.size(1);
   check_layout(kOp, bits, group, d, d, "head dim D");
-  const int per_word = codes_per_word(bits);
-  check_shape(kOp, "packed", packed.size(0), packed.size(1), n, d / per_word);
-  check_shape(kOp, "scale", scale.size(0), scale.size(1), n, d / group);
-  check_shape(kOp, "minimum", minimum.size(0), minimum.size(1), n, d / group);
-
-  for (std::int64_t t = 0; t < n; ++t)
-    for (std::int64_t c = 0; c < d; ++c) {
-      const std::uint32_t code =
-          unpack_field(packed(t, c / per_word), static_cast<int>(c % per_word), bits);
-      values(t, c) = dequantize_code(code, GroupParams{scale(t, c / group), minimum(t, c / group)});
-    }
+  check_grouped_shapes(kOp, bits, group, n, d, packed, scale, minimum);
+  dequantize_grouped_rows(packed, scale, minimum, bits, group, values);
 }
 
 // ---- Per-token formats: parameter dtypes, symmetric quantizer, FP8 (quant-formats) --------------

@@ -14,48 +14,15 @@
 #include "kvc/policies/eviction/snapkv.hpp"
 #include "kvc/policies/eviction/streaming_llm.hpp"
 #include "kvc/policies/quant/kivi.hpp"
+#include "test_support.hpp"
 
 namespace {
 
-// Values exactly representable in f16, so that storing them in the cache loses nothing.
-std::vector<float> random_f16_values(std::size_t n, std::uint32_t seed, float scale = 1.0f) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, scale);
-  std::vector<float> x(n);
-  for (auto& v : x) v = static_cast<float>(kvc::f16(dist(rng)));
-  return x;
-}
-
-struct Tensors {
-  int hq, hkv, t, d;
-  std::vector<float> q, k, v;  // [Hq, T, D], [Hkv, T, D], [Hkv, T, D]
-  Tensors(int hq_, int hkv_, int t_, int d_, std::uint32_t seed)
-      : hq(hq_),
-        hkv(hkv_),
-        t(t_),
-        d(d_),
-        q(random_f16_values(static_cast<std::size_t>(hq_) * t_ * d_, seed)),
-        k(random_f16_values(static_cast<std::size_t>(hkv_) * t_ * d_, seed + 1)),
-        v(random_f16_values(static_cast<std::size_t>(hkv_) * t_ * d_, seed + 2)) {}
-  kvc::HostView<const float, 3> qv() const { return kvc::make_view(q.data(), {hq, t, d}); }
-  kvc::HostView<const float, 3> kv() const { return kvc::make_view(k.data(), {hkv, t, d}); }
-  kvc::HostView<const float, 3> vv() const { return kvc::make_view(v.data(), {hkv, t, d}); }
-};
-
-kvc::HostView<const float, 2> token(kvc::HostView<const float, 3> x, std::int64_t t) {
-  return {x.data + t * x.strides[1], {x.shape[0], x.shape[2]}, {x.strides[0], x.strides[2]}};
-}
-
-std::vector<std::int32_t> range(int begin, int end) {
-  std::vector<std::int32_t> r(end - begin);
-  std::iota(r.begin(), r.end(), begin);
-  return r;
-}
-
-std::vector<std::int32_t> positions_of(const auto& cache, int layer, int head) {
-  auto p = cache.positions(layer, head);
-  return {p.begin(), p.end()};
-}
+using kvc_test::positions_of;
+using kvc_test::random_f16_values;
+using kvc_test::token;
+using Tensors = kvc_test::RandomQkv;
+using kvc_test::iota_range;
 
 }  // namespace
 
@@ -105,14 +72,14 @@ TEST_CASE("a full cache attends exactly like the naive formula", "[cache]") {
 TEST_CASE("StreamingLLM keeps sinks and the recent window (section 25 vector 7)",
           "[cache][streamingllm]") {
   const kvc::StreamingLlm p{.sink = 4, .recent = 8};
-  auto expected = range(0, 4);
+  auto expected = iota_range(0, 4);
   for (int i = 12; i < 20; ++i) expected.push_back(i);
   REQUIRE(p.keep(20) == expected);
   // evict_for_space(m = 3) at n = 12 keeps 0..3 and 7..11.
-  auto for_space = range(0, 4);
+  auto for_space = iota_range(0, 4);
   for (int i = 7; i < 12; ++i) for_space.push_back(i);
   REQUIRE(p.keep_for_space(12, 3) == for_space);
-  REQUIRE(p.keep(12) == range(0, 12));
+  REQUIRE(p.keep(12) == iota_range(0, 12));
   REQUIRE_THROWS_WITH(p.keep_for_space(12, 9), Catch::Contains("incoming tokens m = 9"));
 
   // Through the cache: prefill 10 tokens, then decode to 20 tokens: positions 0..3 and 12..19.
@@ -155,7 +122,7 @@ TEST_CASE("SnapKV invariants (section 25 vector 4)", "[cache][snapkv]") {
       REQUIRE(pos.size() == 24);
       REQUIRE(std::is_sorted(pos.begin(), pos.end()));
       REQUIRE(std::adjacent_find(pos.begin(), pos.end()) == pos.end());
-      REQUIRE(std::vector<std::int32_t>(pos.end() - 8, pos.end()) == range(t - 8, t));
+      REQUIRE(std::vector<std::int32_t>(pos.end() - 8, pos.end()) == iota_range(t - 8, t));
       for (int i = 0; i < 24; ++i)
         for (int c = 0; c < d; ++c)
           REQUIRE(heads[h].values[i * d + c] == x.v[(h * t + pos[i]) * d + c]);
@@ -166,7 +133,7 @@ TEST_CASE("SnapKV invariants (section 25 vector 4)", "[cache][snapkv]") {
                                          kvc::SnapKv{.budget = 65, .window = 8}};
     cache.prefill(0, x.kv(), x.vv(), x.qv());
     cache.compress(0);
-    REQUIRE(positions_of(cache, 0, 0) == range(0, t));
+    REQUIRE(positions_of(cache, 0, 0) == iota_range(0, t));
   }
   SECTION("a column that dominates every window row is selected in every head") {
     // Key 5 of every KV head aligns with every window query; all other keys are tiny.
@@ -185,7 +152,7 @@ TEST_CASE("SnapKV invariants (section 25 vector 4)", "[cache][snapkv]") {
       const int storage = gqa == kvc::GqaMode::mean ? hkv : hq;
       REQUIRE(cache.storage_heads(0) == storage);
       for (int s = 0; s < storage; ++s) {
-        auto expected = range(t - 8, t);
+        auto expected = iota_range(t - 8, t);
         expected.insert(expected.begin(), 5);
         REQUIRE(positions_of(cache, 0, s) == expected);
       }
@@ -232,7 +199,7 @@ TEST_CASE("SnapKV invariants (section 25 vector 4)", "[cache][snapkv]") {
       // The window comes last, in order; the survivors before it by non-increasing score, ties by
       // the lower position.
       REQUIRE(std::vector<std::int32_t>(released_order.end() - 8, released_order.end()) ==
-              range(t - 8, t));
+              iota_range(t - 8, t));
       for (int i = 0; i + 1 < 16; ++i) {
         const float a = pooled[h * prefix + released_order[i]];
         const float b = pooled[h * prefix + released_order[i + 1]];
@@ -270,7 +237,7 @@ TEST_CASE("KIVI prefill split and decode flush schedule (section 25 vector 9)", 
     const auto k = random_f16_values(static_cast<std::size_t>(n) * d, 3);
     const auto v = random_f16_values(static_cast<std::size_t>(n) * d, 4);
     kvc::Kivi::HeadStore store;
-    const auto positions = range(0, n);
+    const auto positions = iota_range(0, n);
     store.load(kivi, kvc::make_view(k.data(), {n, d}), kvc::make_view(v.data(), {n, d}), positions);
     return store;
   };
@@ -326,7 +293,8 @@ TEST_CASE("KIVI stores exactly the quantizer's codes (keys per channel, values p
   const auto k = random_f16_values(static_cast<std::size_t>(n) * d, 31);
   const auto v = random_f16_values(static_cast<std::size_t>(n) * d, 32);
   kvc::Kivi::HeadStore store;
-  store.load(kivi, kvc::make_view(k.data(), {n, d}), kvc::make_view(v.data(), {n, d}), range(0, n));
+  store.load(kivi, kvc::make_view(k.data(), {n, d}), kvc::make_view(v.data(), {n, d}),
+             iota_range(0, n));
   std::vector<float> keys(n * d), values(n * d);
   store.keys(kvc::make_view(keys.data(), {n, d}));
   store.values(kvc::make_view(values.data(), {n, d}));

@@ -29,6 +29,7 @@
 #include "kvc/policies/eviction/moa.hpp"
 #include "kvc/policies/eviction/prefixkv.hpp"
 #include "kvc/policies/eviction/streaming_llm.hpp"
+#include "test_support.hpp"
 #include "tool_runner.hpp"
 
 namespace fs = std::filesystem;
@@ -55,58 +56,16 @@ double metric(const kvc::json::Value& policies, std::size_t i, const char* key) 
   return policies.at(i).at(key).as_number();
 }
 
-std::vector<std::int32_t> iota_range(int begin, int end) {
-  std::vector<std::int32_t> r(end - begin);
-  std::iota(r.begin(), r.end(), begin);
-  return r;
-}
-
-std::vector<std::int32_t> positions_of(const auto& cache, int layer, int head) {
-  auto p = cache.positions(layer, head);
-  return {p.begin(), p.end()};
-}
-
-std::vector<float> random_values(std::size_t n, std::uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, 1.0f);
-  std::vector<float> x(n);
-  for (auto& v : x) v = static_cast<float>(kvc::f16(dist(rng)));
-  return x;
-}
-
-// Random [H, T, D] tensors for cache tests.
-struct Qkv {
-  int hq, hkv, t, d;
-  std::vector<float> q, k, v;
-  Qkv(int hq_, int hkv_, int t_, int d_, std::uint32_t seed)
-      : hq(hq_),
-        hkv(hkv_),
-        t(t_),
-        d(d_),
-        q(random_values(static_cast<std::size_t>(hq_) * t_ * d_, seed)),
-        k(random_values(static_cast<std::size_t>(hkv_) * t_ * d_, seed + 1)),
-        v(random_values(static_cast<std::size_t>(hkv_) * t_ * d_, seed + 2)) {}
-  kvc::HostView<const float, 3> qv(int n) const {
-    return kvc::make_view(q.data(), {hq, t, d}).slice(1, 0, n);
-  }
-  kvc::HostView<const float, 3> kv(int n) const {
-    return kvc::make_view(k.data(), {hkv, t, d}).slice(1, 0, n);
-  }
-  kvc::HostView<const float, 3> vv(int n) const {
-    return kvc::make_view(v.data(), {hkv, t, d}).slice(1, 0, n);
-  }
-  kvc::HostView<const float, 2> token_k(int i) const {
-    return token(kvc::make_view(k.data(), {hkv, t, d}), i);
-  }
-  kvc::HostView<const float, 2> token_v(int i) const {
-    return token(kvc::make_view(v.data(), {hkv, t, d}), i);
-  }
-  kvc::HostView<const float, 2> token_q(int i) const {
-    return token(kvc::make_view(q.data(), {hq, t, d}), i);
-  }
-  static kvc::HostView<const float, 2> token(kvc::HostView<const float, 3> x, std::int64_t i) {
-    return {x.data + i * x.strides[1], {x.shape[0], x.shape[2]}, {x.strides[0], x.strides[2]}};
-  }
+// Random [H, T, D] tensors for cache tests, with views of their first n tokens and of token i.
+struct Qkv : kvc_test::RandomQkv {
+  using RandomQkv::kv, RandomQkv::qv, RandomQkv::vv;  // all T tokens
+  using RandomQkv::RandomQkv;
+  kvc::HostView<const float, 3> qv(int n) const { return qv().slice(1, 0, n); }
+  kvc::HostView<const float, 3> kv(int n) const { return kv().slice(1, 0, n); }
+  kvc::HostView<const float, 3> vv(int n) const { return vv().slice(1, 0, n); }
+  kvc::HostView<const float, 2> token_k(int i) const { return token(kv(), i); }
+  kvc::HostView<const float, 2> token_v(int i) const { return token(vv(), i); }
+  kvc::HostView<const float, 2> token_q(int i) const { return token(qv(), i); }
 };
 
 // One decode step of a cache: append token t, attend, let the policy act.
@@ -646,7 +605,7 @@ TEST_CASE("StreamingLLM in reindexed mode on the real dump equals re-indexed RoP
       c->compress(l);
     }
     for (int t = prefix; t < dump.tokens; ++t) {
-      const auto kt = Qkv::token(k, t), vt = Qkv::token(v, t), qt = Qkv::token(q, t);
+      const auto kt = token(k, t), vt = token(v, t), qt = token(q, t);
       cache.append(l, kt, vt);
       absolute.append(l, kt, vt);
       cache.attend(l, qt, kvc::make_view(out.data(), {hq, d}));

@@ -23,16 +23,13 @@
 #include "kvc/policies/eviction/snapkv.hpp"
 #include "kvc/policies/eviction/tova.hpp"
 #include "kvc/policies/eviction/windowkv.hpp"
+#include "test_support.hpp"
 
 namespace {
 
-std::vector<float> random_values(std::size_t n, std::uint32_t seed, float scale = 1.0f) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, scale);
-  std::vector<float> x(n);
-  for (auto& v : x) v = static_cast<float>(kvc::f16(dist(rng)));  // exact in the f16 cache
-  return x;
-}
+using kvc_test::positions_of;
+using kvc_test::random_f16_values;
+using kvc_test::token;
 
 struct Prompt {
   int layers, hq, hkv, t, d;
@@ -43,9 +40,9 @@ struct Prompt {
         hkv(hkv_),
         t(t_),
         d(d_),
-        q(random_values(static_cast<std::size_t>(layers_) * hq_ * t_ * d_, seed, 1.5f)),
-        k(random_values(static_cast<std::size_t>(layers_) * hkv_ * t_ * d_, seed + 1, 1.5f)),
-        v(random_values(static_cast<std::size_t>(layers_) * hkv_ * t_ * d_, seed + 2)) {}
+        q(random_f16_values(static_cast<std::size_t>(layers_) * hq_ * t_ * d_, seed, 1.5f)),
+        k(random_f16_values(static_cast<std::size_t>(layers_) * hkv_ * t_ * d_, seed + 1, 1.5f)),
+        v(random_f16_values(static_cast<std::size_t>(layers_) * hkv_ * t_ * d_, seed + 2)) {}
   kvc::HostView<const float, 3> qv(int l) const {
     return kvc::make_view(q.data() + static_cast<std::size_t>(l) * hq * t * d, {hq, t, d});
   }
@@ -66,10 +63,6 @@ struct Prompt {
   }
 };
 
-kvc::HostView<const float, 2> token(kvc::HostView<const float, 3> x, std::int64_t t) {
-  return {x.data + t * x.strides[1], {x.shape[0], x.shape[2]}, {x.strides[0], x.strides[2]}};
-}
-
 // Softmax of query row (head h, token i) over keys 0..i of its KV head, in double.
 std::vector<double> softmax_row(const Prompt& p, int l, int h, int i) {
   const auto q = p.qv(l), k = p.kv(l);
@@ -86,11 +79,6 @@ std::vector<double> softmax_row(const Prompt& p, int l, int h, int i) {
   for (auto& x : s) z += (x = std::exp(x - mx));
   for (auto& x : s) x /= z;
   return s;
-}
-
-std::vector<std::int32_t> positions_of(const auto& cache, int layer, int head) {
-  auto p = cache.positions(layer, head);
-  return {p.begin(), p.end()};
 }
 
 // Every element of `kept` scores >= every element of `dropped` (up to tol); prints the worst pair.

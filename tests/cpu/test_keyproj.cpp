@@ -18,6 +18,7 @@
 #include "kvc/policies/keyproj/palu.hpp"
 #include "kvc/policies/keyproj/shadowkv.hpp"
 #include "kvc/policies/keyproj/think.hpp"
+#include "test_support.hpp"
 #include "tool_runner.hpp"
 
 namespace fs = std::filesystem;
@@ -27,16 +28,6 @@ namespace {
 
 const fs::path kDataDir = fs::path(KVC_TEST_DATA_DIR);
 constexpr double kHalfEps = 1.0 / 2048;  // f16 unit roundoff 2^-11
-
-std::vector<float> lcg_floats(std::size_t count, std::uint32_t seed) {
-  std::vector<float> x(count);
-  std::uint32_t s = seed;
-  for (auto& v : x) {
-    s = s * 1664525u + 1013904223u;
-    v = static_cast<float>(s >> 8) / static_cast<float>(1u << 23) - 1.0f;
-  }
-  return x;
-}
 
 // Post-RoPE copy of pre-RoPE keys [H, T, D] (positions 0..T-1).
 std::vector<float> rotated(const std::vector<float>& pre, int heads, int tokens, int d) {

@@ -21,37 +21,18 @@
 #include "kvc/policies/merge/cam.hpp"
 #include "kvc/policies/merge/elastic_cache.hpp"
 #include "kvc/policies/merge/kvmerger.hpp"
+#include "test_support.hpp"
 #include "tool_runner.hpp"
 
 namespace {
 
-// Values exactly representable in f16, so that the cache's f16 rows hold them unchanged.
-std::vector<float> random_f16_values(std::size_t n, std::uint32_t seed, float scale = 1.0f) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, scale);
-  std::vector<float> x(n);
-  for (auto& v : x) v = static_cast<float>(kvc::f16(dist(rng)));
-  return x;
-}
+using kvc_test::random_f16_values;
 
-struct Prompt {
-  int hq, hkv, t, d;
-  std::vector<float> q, k, v;  // [Hq, T, D], [Hkv, T, D], [Hkv, T, D]
+// q and k with standard deviation 1.5, v with 1; positions 0..T-1.
+struct Prompt : kvc_test::RandomQkv {
   std::vector<std::int32_t> positions;
   Prompt(int hq_, int hkv_, int t_, int d_, std::uint32_t seed)
-      : hq(hq_),
-        hkv(hkv_),
-        t(t_),
-        d(d_),
-        q(random_f16_values(static_cast<std::size_t>(hq_) * t_ * d_, seed, 1.5f)),
-        k(random_f16_values(static_cast<std::size_t>(hkv_) * t_ * d_, seed + 1, 1.5f)),
-        v(random_f16_values(static_cast<std::size_t>(hkv_) * t_ * d_, seed + 2)),
-        positions(t_) {
-    std::iota(positions.begin(), positions.end(), 0);
-  }
-  kvc::HostView<const float, 3> qv() const { return kvc::make_view(q.data(), {hq, t, d}); }
-  kvc::HostView<const float, 3> kv() const { return kvc::make_view(k.data(), {hkv, t, d}); }
-  kvc::HostView<const float, 3> vv() const { return kvc::make_view(v.data(), {hkv, t, d}); }
+      : RandomQkv(hq_, hkv_, t_, d_, seed, 1.5f), positions(kvc_test::iota_range(0, t_)) {}
   kvc::PrefillInput input() const {
     kvc::PrefillInput in;
     in.keys = kv();

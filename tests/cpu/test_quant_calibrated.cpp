@@ -20,6 +20,7 @@
 #include "kvc/ops/rope.hpp"
 #include "kvc/policies/quant/coupled.hpp"
 #include "kvc/policies/quant/vidkv.hpp"
+#include "test_support.hpp"
 #include "tool_runner.hpp"
 
 namespace fs = std::filesystem;
@@ -28,17 +29,6 @@ using namespace kvc_test;
 namespace {
 
 const fs::path kDataDir = fs::path(KVC_TEST_DATA_DIR);
-
-// Deterministic pseudo-random floats in [-1, 1) (an LCG; the values only need to be spread out).
-std::vector<float> lcg_floats(std::size_t count, std::uint32_t seed) {
-  std::vector<float> x(count);
-  std::uint32_t s = seed;
-  for (auto& v : x) {
-    s = s * 1664525u + 1013904223u;
-    v = static_cast<float>(s >> 8) / static_cast<float>(1u << 23) - 1.0f;
-  }
-  return x;
-}
 
 // A postrope codebook of one layer and head whose centroid j of every group has all channels = j.
 kvc::CqCodebook ladder_codebook(int head_dim, int channels, int bits) {

@@ -13,6 +13,7 @@
 
 #include <string_view>
 #include <type_traits>
+#include <utility>
 #include <variant>
 
 #include "kvc/policies/concepts.hpp"
@@ -25,132 +26,109 @@ Alternative& ensure_alternative(Variant& v) {
   if (!std::holds_alternative<Alternative>(v)) v.template emplace<Alternative>();
   return std::get<Alternative>(v);
 }
+
+// What every adapter shares: the policy it holds, that policy's name and validation, and call(f)
+// = f(the policy held). Adapters add their kind's queries and steps, forwarded through call.
+template <class... Policies>
+struct AnyPolicy {
+  std::variant<Policies...> policy;
+
+  std::string_view name() const {
+    return call([]<class P>(const P&) { return std::string_view(P::kName); });
+  }
+  void validate() const {
+    call([](const auto& p) { p.validate(); });
+  }
+  template <class F>
+  decltype(auto) call(F&& f) const {
+    return std::visit(std::forward<F>(f), policy);
+  }
+};
 }  // namespace detail
 
 template <class... Policies>
-struct AnyEviction {
+struct AnyEviction : detail::AnyPolicy<Policies...> {
   static_assert((EvictionPolicy<Policies> && ...));
   static constexpr std::string_view kName = "any-eviction";
   static constexpr PolicyKind kKind = PolicyKind::eviction;
-
-  std::variant<Policies...> policy;
 
   struct State {
     std::variant<typename Policies::State...> state;
   };
 
-  std::string_view name() const {
-    return std::visit(
-        [](const auto& p) { return std::string_view(std::decay_t<decltype(p)>::kName); }, policy);
-  }
-  void validate() const {
-    std::visit([](const auto& p) { p.validate(); }, policy);
-  }
   bool evicts_on_decode() const {
-    return std::visit([](const auto& p) { return p.evicts_on_decode(); }, policy);
+    return this->call([](const auto& p) { return p.evicts_on_decode(); });
   }
   bool observes_attention() const {
-    return std::visit([](const auto& p) { return p.observes_attention(); }, policy);
+    return this->call([](const auto& p) { return p.observes_attention(); });
   }
   Selection prefill(State& s, const PrefillInput& in) const {
-    return std::visit(
-        [&](const auto& p) {
-          using P = std::decay_t<decltype(p)>;
-          return p.prefill(detail::ensure_alternative<typename P::State>(s.state), in);
-        },
-        policy);
+    return this->call([&]<class P>(const P& p) {
+      return p.prefill(detail::ensure_alternative<typename P::State>(s.state), in);
+    });
   }
   DecodeKeep decode(State& s, const DecodeInput& in) const {
-    return std::visit(
-        [&](const auto& p) {
-          using P = std::decay_t<decltype(p)>;
-          return p.decode(detail::ensure_alternative<typename P::State>(s.state), in);
-        },
-        policy);
+    return this->call([&]<class P>(const P& p) {
+      return p.decode(detail::ensure_alternative<typename P::State>(s.state), in);
+    });
   }
 };
 
 // ---- Merge slot --------------------------------------------------------------------------------
 template <class... Policies>
-struct AnyMerge {
+struct AnyMerge : detail::AnyPolicy<Policies...> {
   static_assert((MergePolicy<Policies> && ...));
   static constexpr std::string_view kName = "any-merge";
   static constexpr PolicyKind kKind = PolicyKind::merge;
-
-  std::variant<Policies...> policy;
 
   struct State {
     std::variant<typename Policies::State...> state;
   };
 
-  std::string_view name() const {
-    return std::visit(
-        [](const auto& p) { return std::string_view(std::decay_t<decltype(p)>::kName); }, policy);
-  }
-  void validate() const {
-    std::visit([](const auto& p) { p.validate(); }, policy);
-  }
   bool active() const {
-    return std::visit([](const auto& p) { return p.active(); }, policy);
+    return this->call([](const auto& p) { return p.active(); });
   }
   bool needs_eviction() const {
-    return std::visit([](const auto& p) { return p.needs_eviction(); }, policy);
+    return this->call([](const auto& p) { return p.needs_eviction(); });
   }
   bool allows_eviction() const {
-    return std::visit([](const auto& p) { return p.allows_eviction(); }, policy);
+    return this->call([](const auto& p) { return p.allows_eviction(); });
   }
   bool acts_on_decode() const {
-    return std::visit([](const auto& p) { return p.acts_on_decode(); }, policy);
+    return this->call([](const auto& p) { return p.acts_on_decode(); });
   }
   bool observes_attention() const {
-    return std::visit([](const auto& p) { return p.observes_attention(); }, policy);
+    return this->call([](const auto& p) { return p.observes_attention(); });
   }
   void prefill(State& s, const PrefillInput& in, Selection& selection, MergeRows& rows) const {
-    std::visit(
-        [&](const auto& p) {
-          using P = std::decay_t<decltype(p)>;
-          p.prefill(detail::ensure_alternative<typename P::State>(s.state), in, selection, rows);
-        },
-        policy);
+    this->call([&]<class P>(const P& p) {
+      p.prefill(detail::ensure_alternative<typename P::State>(s.state), in, selection, rows);
+    });
   }
   DecodeKeep decode(State& s, const MergeDecodeInput& in, MergeDecodeRows* rows) const {
-    return std::visit(
-        [&](const auto& p) {
-          using P = std::decay_t<decltype(p)>;
-          return p.decode(detail::ensure_alternative<typename P::State>(s.state), in, rows);
-        },
-        policy);
+    return this->call([&]<class P>(const P& p) {
+      return p.decode(detail::ensure_alternative<typename P::State>(s.state), in, rows);
+    });
   }
 };
 
 template <class... Policies>
-struct AnyQuant {
+struct AnyQuant : detail::AnyPolicy<Policies...> {
   static_assert((QuantPolicy<Policies> && ...));
   static constexpr std::string_view kName = "any-quant";
   static constexpr PolicyKind kKind = PolicyKind::quant;
 
-  std::variant<Policies...> policy;
-
-  std::string_view name() const {
-    return std::visit(
-        [](const auto& p) { return std::string_view(std::decay_t<decltype(p)>::kName); }, policy);
-  }
-  void validate() const {
-    std::visit([](const auto& p) { p.validate(); }, policy);
-  }
   bool supports_decode_eviction() const {
-    return std::visit([](const auto& p) { return p.supports_decode_eviction(); }, policy);
+    return this->call([](const auto& p) { return p.supports_decode_eviction(); });
   }
   // Policies that keep evicted tokens at lower precision (MiKV); false for the others.
   bool keeps_evicted() const {
-    return std::visit(
-        [](const auto& p) {
-          if constexpr (requires { p.keeps_evicted(); })
-            return p.keeps_evicted();
-          else
-            return false;
-        },
-        policy);
+    return this->call([](const auto& p) {
+      if constexpr (requires { p.keeps_evicted(); })
+        return p.keeps_evicted();
+      else
+        return false;
+    });
   }
 
   class HeadStore {
@@ -254,12 +232,9 @@ struct AnyQuant {
    private:
     template <class F>
     void with(const AnyQuant& q, F&& f) {
-      std::visit(
-          [&](const auto& p) {
-            using P = std::decay_t<decltype(p)>;
-            f(p, detail::ensure_alternative<typename P::HeadStore>(store_));
-          },
-          q.policy);
+      q.call([&]<class P>(const P& p) {
+        f(p, detail::ensure_alternative<typename P::HeadStore>(store_));
+      });
     }
     std::variant<typename Policies::HeadStore...> store_;
   };
@@ -267,65 +242,47 @@ struct AnyQuant {
 
 // ---- layer sharing (MiniCache, CLA): stateless, so the adapter only forwards ------------------
 template <class... Policies>
-struct AnyLayerSharing {
+struct AnyLayerSharing : detail::AnyPolicy<Policies...> {
   static_assert((LayerSharingPolicy<Policies> && ...));
   static constexpr std::string_view kName = "any-layer-sharing";
   static constexpr PolicyKind kKind = PolicyKind::layer_sharing;
 
-  std::variant<Policies...> policy;
-
-  std::string_view name() const {
-    return std::visit(
-        [](const auto& p) { return std::string_view(std::decay_t<decltype(p)>::kName); }, policy);
-  }
-  void validate() const {
-    std::visit([](const auto& p) { p.validate(); }, policy);
-  }
   bool needs_prompt_keys() const {
-    return std::visit([](const auto& p) { return p.needs_prompt_keys(); }, policy);
+    return this->call([](const auto& p) { return p.needs_prompt_keys(); });
   }
   SharingPlan plan(const SharingInput& in) const {
-    return std::visit([&](const auto& p) { return p.plan(in); }, policy);
+    return this->call([&](const auto& p) { return p.plan(in); });
   }
   SharedHead merge(const LayerPair& pair) const {
-    return std::visit([&](const auto& p) { return p.merge(pair); }, policy);
+    return this->call([&](const auto& p) { return p.merge(pair); });
   }
 };
 
 // ---- key projection (ShadowKV, ThinK, Loki, Palu): per-layer state as a variant ----------------
 template <class... Policies>
-struct AnyKeyProjection {
+struct AnyKeyProjection : detail::AnyPolicy<Policies...> {
   static_assert((KeyProjectionPolicy<Policies> && ...));
   static constexpr std::string_view kName = "any-key-projection";
   static constexpr PolicyKind kKind = PolicyKind::key_projection;
-
-  std::variant<Policies...> policy;
 
   struct LayerState {
     std::variant<typename Policies::LayerState...> state;
   };
 
-  std::string_view name() const {
-    return std::visit(
-        [](const auto& p) { return std::string_view(std::decay_t<decltype(p)>::kName); }, policy);
-  }
-  void validate() const {
-    std::visit([](const auto& p) { p.validate(); }, policy);
-  }
   bool active() const {
-    return call([](const auto& p) { return p.active(); });
+    return this->call([](const auto& p) { return p.active(); });
   }
   bool needs_prerope() const {
-    return call([](const auto& p) { return p.needs_prerope(); });
+    return this->call([](const auto& p) { return p.needs_prerope(); });
   }
   bool owns_keys() const {
-    return call([](const auto& p) { return p.owns_keys(); });
+    return this->call([](const auto& p) { return p.owns_keys(); });
   }
   bool supports_decode_eviction() const {
-    return call([](const auto& p) { return p.supports_decode_eviction(); });
+    return this->call([](const auto& p) { return p.supports_decode_eviction(); });
   }
   bool needs_all_tokens() const {
-    return call([](const auto& p) { return p.needs_all_tokens(); });
+    return this->call([](const auto& p) { return p.needs_all_tokens(); });
   }
   bool offloads_values(const LayerState& s) const {
     return with(s, [](const auto& p, const auto& st) { return p.offloads_values(st); });
@@ -362,32 +319,22 @@ struct AnyKeyProjection {
   }
 
  private:
-  template <class F>
-  auto call(F&& f) const {
-    return std::visit(f, policy);
-  }
   // The policy held and its alternative of the state (created on first mutable use; a const
   // state that was never prefilled reads a default one).
   template <class F>
   auto with(LayerState& s, F&& f) const {
-    return std::visit(
-        [&](const auto& p) {
-          using P = std::decay_t<decltype(p)>;
-          return f(p, detail::ensure_alternative<typename P::LayerState>(s.state));
-        },
-        policy);
+    return this->call([&]<class P>(const P& p) {
+      return f(p, detail::ensure_alternative<typename P::LayerState>(s.state));
+    });
   }
   template <class F>
   auto with(const LayerState& s, F&& f) const {
-    return std::visit(
-        [&](const auto& p) {
-          using P = std::decay_t<decltype(p)>;
-          using S = typename P::LayerState;
-          if (const S* st = std::get_if<S>(&s.state)) return f(p, *st);
-          static const S empty{};
-          return f(p, empty);
-        },
-        policy);
+    return this->call([&]<class P>(const P& p) {
+      using S = typename P::LayerState;
+      if (const S* st = std::get_if<S>(&s.state)) return f(p, *st);
+      static const S empty{};
+      return f(p, empty);
+    });
   }
 };
 

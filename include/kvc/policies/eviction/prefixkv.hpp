@@ -83,6 +83,56 @@ inline std::vector<float> prefixkv_importance(HostView<const float, 3> queries, 
   return {importance.begin(), importance.end()};
 }
 
+// Fixed-point elimination, shared by PrefixKV and Elastic Cache (kvc/policies/merge/
+// elastic_cache.hpp): after the prefill each layer deletes one entry per decode step at a fixed
+// in-cache index. Per-layer state and the two steps of the rule live here so both methods run the
+// same code.
+struct FixedPointState {
+  std::vector<std::int32_t> evict_pos;  // [L] fixed in-cache deletion index
+  std::vector<std::int64_t> seen;       // [L] tokens the layer has seen
+
+  void grow(int layers) {
+    if (static_cast<int>(seen.size()) < layers) {
+      seen.resize(layers, 0);
+      evict_pos.resize(layers, 1);
+    }
+  }
+};
+
+// The deletion index after a prefill of T tokens that forgot `forget` and kept `kept` of them:
+// T - forget + distance (distance > 0: distance itself); below 1 the reference's kept / 2.
+inline std::int32_t fixed_point_evict_pos(std::int64_t tokens, std::int64_t forget, int distance,
+                                          std::size_t kept) {
+  auto pos = distance > 0 ? distance : static_cast<std::int32_t>(tokens - forget + distance);
+  if (pos < 1) pos = static_cast<std::int32_t>(kept) / 2;
+  return pos;
+}
+
+// One decode step of layer `layer`: seen += 1; forget = trunc(n - seen * (1 - ratio)); forget >= 1
+// (and n >= 2) deletes in-cache index evict_pos from every head (an index past the cache: the one
+// before the newest). `who` names the method in the error for heads of unequal length.
+inline DecodeKeep fixed_point_decode(FixedPointState& state, int layer, int layers,
+                                     std::span<const int> head_sizes,  // [S]
+                                     double ratio, std::string_view who) {
+  state.grow(layers);
+  const std::int64_t seen = ++state.seen[layer];
+  if (head_sizes.empty()) return std::nullopt;
+  const int n = head_sizes[0];
+  const auto forget =
+      static_cast<std::int64_t>(static_cast<double>(n) - static_cast<double>(seen) * (1.0 - ratio));
+  if (forget <= 0 || n < 2) return std::nullopt;
+  std::int32_t pos = state.evict_pos[layer];
+  if (pos >= n) pos = n - 2;
+  std::vector<std::vector<std::int32_t>> kept(head_sizes.size());
+  for (std::size_t h = 0; h < kept.size(); ++h) {
+    KVC_CHECK(head_sizes[h] == n, who, ": heads of layer ", layer, " hold different token counts (",
+              n, " and ", head_sizes[h], ")");
+    for (int i = 0; i < n; ++i)
+      if (i != pos) kept[h].push_back(i);
+  }
+  return kept;
+}
+
 // Result of the offline search (ALGORITHMS.md section 6, OFFLINE).
 struct PrefixKvProfile {
   std::vector<std::int64_t> forget;  // [L] tokens forgotten per layer, sum == round(target)
@@ -197,10 +247,7 @@ struct PrefixKv {
   int layer_count = 0;  // per-layer ratios set (0: the uniform ratio)
   std::array<float, kMaxLayers> layer_ratios{};
 
-  struct State {
-    std::vector<std::int32_t> evict_pos;  // [L] fixed in-cache deletion index
-    std::vector<std::int64_t> seen;       // [L] tokens the layer has seen
-  };
+  using State = FixedPointState;
 
   void set_layer_ratios(std::span<const double> ratios) {
     KVC_CHECK(!ratios.empty() && ratios.size() <= static_cast<std::size_t>(kMaxLayers),
@@ -245,17 +292,14 @@ struct PrefixKv {
       for (auto i : top) kept.push_back(start + i);
     }
     if (tokens > start) kept.push_back(tokens - 1);
-    if (evict_pos) {
-      *evict_pos = distance > 0 ? distance : tokens - forget + distance;
-      if (*evict_pos < 1) *evict_pos = static_cast<std::int32_t>(kept.size()) / 2;
-    }
+    if (evict_pos) *evict_pos = fixed_point_evict_pos(tokens, forget, distance, kept.size());
     return kept;
   }
 
   Selection prefill(State& state, const PrefillInput& in) const {
     const int heads = static_cast<int>(in.keys.size(0));
     const auto tokens = static_cast<int>(in.keys.size(1));
-    grow(state, in.num_layers);
+    state.grow(in.num_layers);
     state.seen[in.layer] = tokens;
     std::vector<std::int32_t> kept;
     if (tokens == 0) {
@@ -275,32 +319,8 @@ struct PrefixKv {
   }
 
   DecodeKeep decode(State& state, const DecodeInput& in) const {
-    grow(state, in.num_layers);
-    const std::int64_t seen = ++state.seen[in.layer];
-    const double r = layer_ratio(in.layer, in.num_layers);
-    if (in.head_sizes.empty()) return std::nullopt;
-    const int n = in.head_sizes[0];
-    const auto forget =
-        static_cast<std::int64_t>(static_cast<double>(n) - static_cast<double>(seen) * (1.0 - r));
-    if (forget <= 0 || n < 2) return std::nullopt;
-    std::int32_t pos = state.evict_pos[in.layer];
-    if (pos >= n) pos = n - 2;
-    std::vector<std::vector<std::int32_t>> kept(in.head_sizes.size());
-    for (std::size_t h = 0; h < kept.size(); ++h) {
-      KVC_CHECK(in.head_sizes[h] == n, "prefixkv: heads of layer ", in.layer,
-                " hold different token counts (", n, " and ", in.head_sizes[h], ")");
-      for (int i = 0; i < n; ++i)
-        if (i != pos) kept[h].push_back(i);
-    }
-    return kept;
-  }
-
- private:
-  static void grow(State& state, int layers) {
-    if (static_cast<int>(state.seen.size()) < layers) {
-      state.seen.resize(layers, 0);
-      state.evict_pos.resize(layers, 1);
-    }
+    const double r = layer_ratio(in.layer, in.num_layers);  // checks the layer count first
+    return fixed_point_decode(state, in.layer, in.num_layers, in.head_sizes, r, kName);
   }
 };
 static_assert(EvictionPolicy<PrefixKv>);

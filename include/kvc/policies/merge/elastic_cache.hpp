@@ -127,10 +127,7 @@ struct ElasticCache {
   int distance = -25;
   bool reference_compat = false;
 
-  struct State {
-    std::vector<std::int32_t> evict_pos;  // [L] fixed in-cache deletion index
-    std::vector<std::int64_t> seen;       // [L] tokens the layer has seen
-  };
+  using State = FixedPointState;  // shared with PrefixKV
 
   void validate() const {
     KVC_CHECK(ratio >= 0 && ratio <= 1, "elastic: ratio must be in [0, 1], got ", ratio);
@@ -143,7 +140,7 @@ struct ElasticCache {
   bool observes_attention() const { return false; }
 
   void prefill(State& state, const PrefillInput& in, Selection& selection, MergeRows& rows) const {
-    grow(state, in.num_layers);
+    state.grow(in.num_layers);
     const std::int64_t tokens = rows.tokens;
     state.seen[in.layer] = tokens;
     state.evict_pos[in.layer] = 1;
@@ -170,38 +167,12 @@ struct ElasticCache {
       }
       selection.keep[s] = plan.kept;
     }
-    std::int32_t pos =
-        distance > 0 ? distance : static_cast<std::int32_t>(tokens - plan.forget + distance);
-    if (pos < 1) pos = static_cast<std::int32_t>(plan.kept.size()) / 2;
-    state.evict_pos[in.layer] = pos;
+    state.evict_pos[in.layer] =
+        fixed_point_evict_pos(tokens, plan.forget, distance, plan.kept.size());
   }
 
   DecodeKeep decode(State& state, const MergeDecodeInput& in, MergeDecodeRows*) const {
-    grow(state, in.num_layers);
-    const std::int64_t seen = ++state.seen[in.layer];
-    if (in.head_sizes.empty()) return std::nullopt;
-    const int n = in.head_sizes[0];
-    const auto forget = static_cast<std::int64_t>(static_cast<double>(n) -
-                                                  static_cast<double>(seen) * (1.0 - ratio));
-    if (forget <= 0 || n < 2) return std::nullopt;
-    std::int32_t pos = state.evict_pos[in.layer];
-    if (pos >= n) pos = n - 2;
-    std::vector<std::vector<std::int32_t>> kept(in.head_sizes.size());
-    for (std::size_t h = 0; h < kept.size(); ++h) {
-      KVC_CHECK(in.head_sizes[h] == n, "elastic: heads of layer ", in.layer,
-                " hold different token counts (", n, " and ", in.head_sizes[h], ")");
-      for (int i = 0; i < n; ++i)
-        if (i != pos) kept[h].push_back(i);
-    }
-    return kept;
-  }
-
- private:
-  static void grow(State& state, int layers) {
-    if (static_cast<int>(state.seen.size()) < layers) {
-      state.seen.resize(layers, 0);
-      state.evict_pos.resize(layers, 1);
-    }
+    return fixed_point_decode(state, in.layer, in.num_layers, in.head_sizes, ratio, kName);
   }
 };
 static_assert(MergePolicy<ElasticCache>);
