@@ -21,8 +21,8 @@ inline void check(cudaError_t status, const char* call, const char* file, int li
     // next launch check does not report it a second time, against the wrong call.
     (void)cudaGetLastError();
     throw CudaError(detail::concat(call, " failed: ", cudaGetErrorName(status), ": ",
-                               cudaGetErrorString(status)),
-                file, line);
+                                   cudaGetErrorString(status)),
+                    file, line);
   }
 }
 

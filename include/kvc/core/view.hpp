@@ -74,8 +74,7 @@ struct View {
     return out;
   }
   template <class U = T>
-    requires(!std::is_const_v<U>)
-  operator View<const U, Rank, Space>() const {
+  requires(!std::is_const_v<U>) operator View<const U, Rank, Space>() const {
     return View<const U, Rank, Space>{data, shape, strides};
   }
 };
