@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "kvc/cache/kv_cache.hpp"
+#include "kvc/cache/staging.hpp"
 #include "kvc/core/backend.hpp"
 #include "kvc/core/cuda_runtime.hpp"
 #include "kvc/core/dtype.hpp"
@@ -516,13 +517,11 @@ class KVCache<Config, Cuda> {
   }
 
   LayerData& layer_data(int layer) {
-    KVC_CHECK(layer >= 0 && layer < shape_.layers, "layer ", layer, " out of range [0, ",
-              shape_.layers, ")");
+    check_layer_index(layer, shape_.layers);
     return layers_[layer];
   }
   const LayerData& layer_data(int layer) const {
-    KVC_CHECK(layer >= 0 && layer < shape_.layers, "layer ", layer, " out of range [0, ",
-              shape_.layers, ")");
+    check_layer_index(layer, shape_.layers);
     return layers_[layer];
   }
   LayerData& ready_layer(int layer, const char* what) {
@@ -544,25 +543,7 @@ class KVCache<Config, Cuda> {
 
   template <class T>
   void check_heads(const char* what, HostView<const T, 3> x, int heads) const {
-    KVC_CHECK(x.size(0) == heads && x.size(2) == shape_.head_dim, what, " must be [", heads,
-              ", T, ", shape_.head_dim, "], got [", x.size(0), ", ", x.size(1), ", ", x.size(2),
-              "]");
-  }
-
-  // Appends x [H, T, D] to a staged [H, T_old, D] buffer, giving [H, T_old + T, D].
-  static void append_heads(std::vector<float>& buffer, std::int64_t old_tokens,
-                           HostView<const float, 3> x) {
-    const std::int64_t heads = x.size(0), tokens = x.size(1), d = x.size(2);
-    std::vector<float> merged(static_cast<std::size_t>(heads * (old_tokens + tokens) * d));
-    for (std::int64_t h = 0; h < heads; ++h) {
-      for (std::int64_t t = 0; t < old_tokens; ++t)
-        for (std::int64_t c = 0; c < d; ++c)
-          merged[(h * (old_tokens + tokens) + t) * d + c] = buffer[(h * old_tokens + t) * d + c];
-      for (std::int64_t t = 0; t < tokens; ++t)
-        for (std::int64_t c = 0; c < d; ++c)
-          merged[(h * (old_tokens + tokens) + old_tokens + t) * d + c] = x(h, t, c);
-    }
-    buffer.swap(merged);
+    check_head_shape(what, x, heads, shape_.head_dim);
   }
 
   // A device copy (at least one byte, so that empty inputs still give a valid pointer).
