@@ -24,13 +24,13 @@
 #include "check.cuh"
 #include "kvc/core/dispatch.hpp"
 #include "kvc/ops/attention.hpp"
+#include "split_merge.cuh"
 
 namespace kvc::ops {
 namespace {
 
 constexpr int kThreads = 128;
-constexpr int kMinChunk = 256;   // tokens per split at least: amortizes the block's final merge
-constexpr int kMaxSplits = 128;  // bounds the merge kernel's serial loop and its shared memory
+using split_merge::SplitPlan;
 
 template <class T>
 struct DecodeParams {
@@ -337,61 +337,15 @@ __global__ void __launch_bounds__(D) decode_merge_kernel(DecodeParams<T> p) {
       return;
     }
   }
-  __shared__ float weight[kMaxSplits];
-  __shared__ float total_weight;
   const int b = blockIdx.x / p.q_heads, q_head = blockIdx.x % p.q_heads, d = threadIdx.x;
-  const std::int64_t first = (static_cast<std::int64_t>(b) * p.q_heads + q_head) * p.splits;
-  const std::int64_t partials = static_cast<std::int64_t>(p.batch) * p.q_heads * p.splits;
-  const float* maxima = p.workspace + partials * D + first;
-  const float* sums = p.workspace + partials * (D + 1) + first;
-  for (int s = d; s < p.splits; s += D) weight[s] = maxima[s];
-  __syncthreads();
-  if (d == 0) {
-    float global_max = -INFINITY;
-    for (int s = 0; s < p.splits; ++s) global_max = fmaxf(global_max, weight[s]);
-    float sum = 0.0f;
-    for (int s = 0; s < p.splits; ++s) {
-      weight[s] = global_max == -INFINITY ? 0.0f : exp2f(weight[s] - global_max);
-      sum += sums[s] * weight[s];
-    }
-    total_weight = sum;
-  }
-  __syncthreads();
-  float total = 0.0f;
-  const float* acc = p.workspace + first * D + d;
-#pragma unroll 8
-  for (int s = 0; s < p.splits; ++s) total += acc[static_cast<std::int64_t>(s) * D] * weight[s];
-  float o = total_weight > 0.0f ? total / total_weight : 0.0f;
-  if (isnan(acc[0])) o = NAN;  // invalid length, flagged by the split kernel
+  const float o =
+      split_merge::merge_split_partials<D>(p.workspace, p.batch, p.q_heads, p.splits, b, q_head);
   p.out[b * p.out_batch + q_head * p.out_head + d] = from_float(o, static_cast<const T*>(nullptr));
 }
 
-int multiprocessors() {
-  int device = 0, count = 0;
-  KVC_CUDA_CHECK(cudaGetDevice(&device));
-  KVC_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
-}
-
-struct SplitPlan {
-  int chunk = 0;
-  int splits = 1;
-};
-
-// Enough blocks to give every SM about 16, so the last wave is short; chunks of whole 64-token
-// steps, at least kMinChunk tokens.
+// About 16 blocks per SM; chunks of whole 64-token steps.
 SplitPlan plan_splits(int batch, int kv_heads, int max_length) {
-  SplitPlan plan;
-  const int target_blocks = 16 * multiprocessors();
-  const int pairs = std::max(1, batch * kv_heads);
-  const int wanted = std::max(1, (target_blocks + pairs - 1) / pairs);
-  int chunk = (std::max(max_length, 1) + wanted - 1) / wanted;
-  chunk = std::max(kMinChunk, (chunk + 63) / 64 * 64);
-  chunk = std::max(chunk, (max_length + kMaxSplits - 1) / kMaxSplits);
-  chunk = (chunk + 63) / 64 * 64;
-  plan.chunk = chunk;
-  plan.splits = std::max(1, (max_length + chunk - 1) / chunk);
-  return plan;
+  return split_merge::plan_splits(batch, kv_heads, max_length, 16, 64);
 }
 
 using HeadDims = ValueList<64, 128>;

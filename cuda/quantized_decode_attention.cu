@@ -26,6 +26,7 @@
 #include "check.cuh"
 #include "kvc/core/dispatch.hpp"
 #include "kvc/ops/quantized_attention.hpp"
+#include "split_merge.cuh"
 
 namespace kvc::ops {
 namespace quantized_formats {
@@ -57,9 +58,8 @@ using namespace quantized_formats;
 
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
-constexpr int kTile = 32;        // tokens per warp step; KIVI key groups are multiples of it
-constexpr int kMinChunk = 256;   // tokens per split at least
-constexpr int kMaxSplits = 128;  // bounds the merge kernel's loop and shared memory
+constexpr int kTile = 32;  // tokens per warp step; KIVI key groups are multiples of it
+using split_merge::SplitPlan;
 constexpr unsigned kFull = 0xffffffffu;
 constexpr float kTwo23 = 8388608.0f;
 
@@ -575,64 +575,18 @@ __global__ void __launch_bounds__(kThreads) quantized_split_kernel(Params p) {
 // One block of D threads per (sequence, query head) merges the splits' partials.
 template <int D>
 __global__ void __launch_bounds__(D) quantized_merge_kernel(Params p) {
-  __shared__ float weight[kMaxSplits];
-  __shared__ float total_weight;
   const int b = blockIdx.x / p.q_heads, q_head = blockIdx.x % p.q_heads, d = threadIdx.x;
-  const std::int64_t first = (static_cast<std::int64_t>(b) * p.q_heads + q_head) * p.splits;
-  const std::int64_t partials = static_cast<std::int64_t>(p.batch) * p.q_heads * p.splits;
-  const float* maxima = p.workspace + partials * D + first;
-  const float* sums = p.workspace + partials * (D + 1) + first;
-  for (int s = d; s < p.splits; s += D) weight[s] = maxima[s];
-  __syncthreads();
-  if (d == 0) {
-    float global_max = -INFINITY;
-    for (int s = 0; s < p.splits; ++s) global_max = fmaxf(global_max, weight[s]);
-    float sum = 0.0f;
-    for (int s = 0; s < p.splits; ++s) {
-      weight[s] = global_max == -INFINITY ? 0.0f : exp2f(weight[s] - global_max);
-      sum += sums[s] * weight[s];
-    }
-    total_weight = sum;
-  }
-  __syncthreads();
-  float total = 0.0f;
-  const float* acc = p.workspace + first * D + d;
-#pragma unroll 8
-  for (int s = 0; s < p.splits; ++s) total += acc[static_cast<std::int64_t>(s) * D] * weight[s];
-  float o = total_weight > 0.0f ? total / total_weight : 0.0f;
-  if (isnan(acc[0])) o = NAN;
+  const float o =
+      split_merge::merge_split_partials<D>(p.workspace, p.batch, p.q_heads, p.splits, b, q_head);
   auto* dst = reinterpret_cast<std::uint16_t*>(p.out + b * p.out_batch + q_head * p.out_head);
   dst[d] =
       p.bf16 ? __bfloat16_as_ushort(__float2bfloat16_rn(o)) : __half_as_ushort(__float2half_rn(o));
 }
 
-struct SplitPlan {
-  int chunk = 0;
-  int splits = 1;
-};
-
-int multiprocessors() {
-  int device = 0, count = 0;
-  KVC_CUDA_CHECK(cudaGetDevice(&device));
-  KVC_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
-}
-
 // About 8 blocks per SM (the kernel holds many registers, so fewer are resident than for the
 // dense kernel); chunks of whole 128-token block steps (4 warps x 32 tokens).
 SplitPlan plan_splits(int batch, int kv_heads, int max_length) {
-  constexpr int kStep = kWarps * kTile;
-  const int target_blocks = 8 * multiprocessors();
-  const int pairs = std::max(1, batch * kv_heads);
-  const int wanted = std::max(1, (target_blocks + pairs - 1) / pairs);
-  int chunk = (std::max(max_length, 1) + wanted - 1) / wanted;
-  chunk = std::max(kMinChunk, chunk);
-  chunk = std::max(chunk, (max_length + kMaxSplits - 1) / kMaxSplits);
-  chunk = (chunk + kStep - 1) / kStep * kStep;
-  SplitPlan plan;
-  plan.chunk = chunk;
-  plan.splits = std::max(1, (max_length + chunk - 1) / chunk);
-  return plan;
+  return split_merge::plan_splits(batch, kv_heads, max_length, 8, kWarps * kTile);
 }
 
 using HeadDims = ValueList<64, 128>;

@@ -1,0 +1,87 @@
+// cuda/split_merge.cuh (private): the flash-decoding split plan and the merge of the splits'
+// partials, shared by the dense and the quantized decode attention kernels (same workspace layout).
+//
+//   const SplitPlan plan = plan_splits(batch, kv_heads, max_length, /*blocks per SM*/ 16, 64);
+//   const float o = merge_split_partials<D>(workspace, batch, q_heads, splits, b, q_head);
+//
+// Workspace layout of the B * Hq * S partials (S = splits, row r = (b * Hq + q_head) * S + s):
+// accumulators [rows, D], then the rows' maxima (log2 domain) [rows], then their exp-sums [rows].
+// A split of an invalid sequence writes NaN accumulators, and the merge passes the NaN on.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "check.cuh"
+
+namespace kvc::ops::split_merge {
+
+inline constexpr int kMaxSplits = 128;  // bounds the merge's serial loop and its shared memory
+inline constexpr int kMinChunk = 256;  // tokens per split at least: amortizes a block's final merge
+
+struct SplitPlan {
+  int chunk = 0;
+  int splits = 1;
+};
+
+inline int multiprocessors() {
+  int device = 0, count = 0;
+  KVC_CUDA_CHECK(cudaGetDevice(&device));
+  KVC_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
+// Enough blocks to give every SM about `blocks_per_sm`, so the last wave is short; chunks of whole
+// `step`-token steps, at least kMinChunk tokens, and at most kMaxSplits splits.
+inline SplitPlan plan_splits(int batch, int kv_heads, int max_length, int blocks_per_sm, int step) {
+  const int target_blocks = blocks_per_sm * multiprocessors();
+  const int pairs = std::max(1, batch * kv_heads);
+  const int wanted = std::max(1, (target_blocks + pairs - 1) / pairs);
+  int chunk = (std::max(max_length, 1) + wanted - 1) / wanted;
+  chunk = std::max({chunk, kMinChunk, (max_length + kMaxSplits - 1) / kMaxSplits});
+  chunk = (chunk + step - 1) / step * step;
+  SplitPlan plan;
+  plan.chunk = chunk;
+  plan.splits = std::max(1, (max_length + chunk - 1) / chunk);
+  return plan;
+}
+
+// Called by all D threads of one block for one (sequence b, query head): the merged output
+// element `threadIdx.x`. The splits' maxima and weights go through shared memory once, so the loop
+// over splits issues only the coalesced accumulator loads, several in flight per thread.
+template <int D>
+__device__ float merge_split_partials(const float* workspace, int batch, int q_heads, int splits,
+                                      int b, int q_head) {
+  __shared__ float weight[kMaxSplits];
+  __shared__ float total_weight;
+  const int d = threadIdx.x;
+  const std::int64_t first = (static_cast<std::int64_t>(b) * q_heads + q_head) * splits;
+  const std::int64_t partials = static_cast<std::int64_t>(batch) * q_heads * splits;
+  const float* maxima = workspace + partials * D + first;
+  const float* sums = workspace + partials * (D + 1) + first;
+  for (int s = d; s < splits; s += D) weight[s] = maxima[s];
+  __syncthreads();
+  if (d == 0) {
+    float global_max = -INFINITY;
+    for (int s = 0; s < splits; ++s) global_max = fmaxf(global_max, weight[s]);
+    float sum = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+      weight[s] = global_max == -INFINITY ? 0.0f : exp2f(weight[s] - global_max);
+      sum += sums[s] * weight[s];
+    }
+    total_weight = sum;
+  }
+  __syncthreads();
+  float total = 0.0f;
+  const float* acc = workspace + first * D + d;
+#pragma unroll 8
+  for (int s = 0; s < splits; ++s) total += acc[static_cast<std::int64_t>(s) * D] * weight[s];
+  float o = total_weight > 0.0f ? total / total_weight : 0.0f;
+  if (isnan(acc[0])) o = NAN;  // invalid length, flagged by the split kernel
+  return o;
+}
+
+}  // namespace kvc::ops::split_merge
