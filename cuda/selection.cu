@@ -722,6 +722,27 @@ void run_compact(Cuda stream, DeviceView<const std::int32_t, 2> keep,
   KVC_CUDA_CHECK_LAUNCH(stream.stream);
 }
 
+// ---- gather of byte rows -----------------------------------------------------------------------
+
+// One thread per unit (4 bytes when rows, strides and pointers allow, else 1 byte) of a kept row.
+template <class Unit>
+__global__ void gather_rows_kernel(const std::int32_t* keep, std::int64_t keep_row,
+                                   std::int64_t keep_column, const std::int32_t* counts,
+                                   const Unit* src, std::int64_t src_head, std::int64_t src_row,
+                                   Unit* dst, std::int64_t dst_head, std::int64_t dst_row,
+                                   int tokens, int kept, int units) {
+  const std::int64_t idx = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int s = blockIdx.y;
+  const int i = static_cast<int>(idx / units), unit = static_cast<int>(idx % units);
+  if (i >= kept) return;
+  const int count = counts == nullptr ? kept : min(max(counts[s], 0), kept);
+  if (i >= count) return;
+  const int source = keep[s * keep_row + i * keep_column];
+  const bool valid = source >= 0 && source < tokens;
+  dst[s * dst_head + i * dst_row + unit] =
+      valid ? src[s * src_head + source * src_row + unit] : static_cast<Unit>(~Unit{0});
+}
+
 }  // namespace
 
 std::size_t snapkv_scores_workspace_bytes(int q_heads, int window, int tokens, int storage_heads) {
@@ -779,6 +800,49 @@ void compact_rows(Cuda stream, DeviceView<const std::int32_t, 2> keep,
                   DeviceView<const f16, 3> v, DeviceView<f16, 3> k_out, DeviceView<f16, 3> v_out,
                   const CompactSide& side) {
   run_compact<f16>(stream, keep, counts, k, v, k_out, v_out, side);
+}
+
+void gather_rows(Cuda stream, DeviceView<const std::int32_t, 2> keep,
+                 DeviceView<const std::int32_t, 1> counts, DeviceView<const std::byte, 3> src,
+                 DeviceView<std::byte, 3> dst) {
+  const std::int64_t s = keep.size(0), kept = keep.size(1), t = src.size(1), bytes = src.size(2);
+  KVC_CHECK(src.size(0) == s && dst.size(0) == s && dst.size(1) == kept && dst.size(2) == bytes,
+            "gather_rows(cuda): src [", src.size(0), ", ", t, ", ", bytes, "] and dst [",
+            dst.size(0), ", ", dst.size(1), ", ", dst.size(2),
+            "] must be [S, T, B] and [S, Kmax, B]"
+            " with S = ",
+            s, ", Kmax = ", kept);
+  KVC_CHECK(src.strides[2] == 1 && dst.strides[2] == 1,
+            "gather_rows(cuda): the bytes of a row must be contiguous (stride 1)");
+  KVC_CHECK(counts.data == nullptr || counts.size(0) == s, "gather_rows(cuda): counts has ",
+            counts.size(0), " entries; expected S = ", s, " (or an empty view)");
+  KVC_CHECK(t <= std::numeric_limits<std::int32_t>::max(), "gather_rows(cuda): T = ", t,
+            " rows; allowed up to ", std::numeric_limits<std::int32_t>::max());
+  if (kept == 0 || bytes == 0 || s == 0) return;
+  const auto aligned4 = [](const void* p, std::initializer_list<std::int64_t> v) {
+    if (reinterpret_cast<std::uintptr_t>(p) % 4 != 0) return false;
+    for (std::int64_t x : v)
+      if (x % 4 != 0) return false;
+    return true;
+  };
+  const bool words = aligned4(src.data, {src.strides[0], src.strides[1], bytes}) &&
+                     aligned4(dst.data, {dst.strides[0], dst.strides[1]});
+  const int unit = words ? 4 : 1;
+  const std::int64_t units = bytes / unit, per_head = kept * units;
+  const dim3 grid(static_cast<unsigned>((per_head + 255) / 256), static_cast<unsigned>(s));
+  if (words)
+    gather_rows_kernel<std::uint32_t><<<grid, 256, 0, stream.stream>>>(
+        keep.data, keep.strides[0], keep.strides[1], counts.data,
+        reinterpret_cast<const std::uint32_t*>(src.data), src.strides[0] / 4, src.strides[1] / 4,
+        reinterpret_cast<std::uint32_t*>(dst.data), dst.strides[0] / 4, dst.strides[1] / 4,
+        static_cast<int>(t), static_cast<int>(kept), static_cast<int>(units));
+  else
+    gather_rows_kernel<std::uint8_t><<<grid, 256, 0, stream.stream>>>(
+        keep.data, keep.strides[0], keep.strides[1], counts.data,
+        reinterpret_cast<const std::uint8_t*>(src.data), src.strides[0], src.strides[1],
+        reinterpret_cast<std::uint8_t*>(dst.data), dst.strides[0], dst.strides[1],
+        static_cast<int>(t), static_cast<int>(kept), static_cast<int>(units));
+  KVC_CUDA_CHECK_LAUNCH(stream.stream);
 }
 
 }  // namespace kvc::ops

@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <functional>
 #include <limits>
+#include <numeric>
 #include <random>
 #include <set>
 #include <vector>
@@ -493,6 +494,55 @@ TEST_CASE("cuda compaction (f16, no counts, no side arrays) equals a host gather
         std::equal(ck.begin(), ck.end(), gk.begin() + static_cast<std::ptrdiff_t>(s) * kept * d));
     REQUIRE(
         std::equal(cv.begin(), cv.end(), gv.begin() + static_cast<std::ptrdiff_t>(s) * kept * d));
+  }
+}
+
+TEST_CASE("cuda gather_rows equals the host compaction for any row size", "[cuda][selection]") {
+  // Row sizes of the quantized stores: 2 bytes (one f16 scale), 6 (odd words), 12, 64 (INT8 codes
+  // at D 64) and 128 (f16 rows); ragged counts, one empty head, poisoned outputs.
+  std::mt19937 rng(11);
+  for (const std::int64_t row_bytes : {2, 6, 12, 64, 128}) {
+    const std::int64_t s_heads = 3, t = 37, kmax = 20, capacity = 24;
+    std::vector<std::uint8_t> src(static_cast<std::size_t>(s_heads * t * row_bytes));
+    for (auto& b : src) b = static_cast<std::uint8_t>(rng());
+    const std::vector<int> counts = {20, 7, 0};
+    std::vector<std::int32_t> keep(static_cast<std::size_t>(s_heads * kmax), 0);
+    std::vector<std::vector<std::int32_t>> keep_sets(s_heads);
+    for (std::int64_t s = 0; s < s_heads; ++s) {
+      std::vector<std::int32_t> all(t);
+      std::iota(all.begin(), all.end(), 0);
+      std::shuffle(all.begin(), all.end(), rng);
+      keep_sets[s].assign(all.begin(), all.begin() + counts[s]);
+      std::sort(keep_sets[s].begin(), keep_sets[s].end());
+      std::copy(keep_sets[s].begin(), keep_sets[s].end(), keep.begin() + s * kmax);
+    }
+    auto src_dev = kvc::test::upload(src);
+    auto keep_dev = kvc::test::upload(keep);
+    auto counts_dev = kvc::test::upload(std::vector<std::int32_t>(counts.begin(), counts.end()));
+    const std::size_t out_bytes = static_cast<std::size_t>(s_heads * capacity * row_bytes);
+    auto out_dev = poisoned(out_bytes, 0x5A);
+    ops::gather_rows(kvc::Cuda{},
+                     kvc::make_device_view(keep_dev.as<const std::int32_t>(), {s_heads, kmax}),
+                     kvc::make_device_view(counts_dev.as<const std::int32_t>(), {s_heads}),
+                     kvc::make_device_view(src_dev.as<const std::byte>(), {s_heads, t, row_bytes}),
+                     kvc::DeviceView<std::byte, 3>{out_dev.as<std::byte>(),
+                                                   {s_heads, kmax, row_bytes},
+                                                   {capacity * row_bytes, row_bytes, 1}});
+    const auto out = kvc::test::download<std::uint8_t>(out_dev, out_bytes);
+    for (std::int64_t s = 0; s < s_heads; ++s) {
+      // The reference: the CPU compaction of this head's rows.
+      std::vector<std::uint8_t> head(src.begin() + s * t * row_bytes,
+                                     src.begin() + (s + 1) * t * row_bytes);
+      kvc::ops::compact_rows(kvc::Cpu{}, keep_sets[s], head, static_cast<int>(row_bytes));
+      INFO("row bytes " << row_bytes << " head " << s);
+      for (std::int64_t i = 0; i < capacity * row_bytes; ++i) {
+        const std::uint8_t got = out[static_cast<std::size_t>(s * capacity * row_bytes + i)];
+        if (i < counts[s] * row_bytes)
+          REQUIRE(got == head[static_cast<std::size_t>(i)]);
+        else
+          REQUIRE(got == 0x5A);  // rows past the count are left untouched
+      }
+    }
   }
 }
 

@@ -16,6 +16,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "kvc/core/backend.hpp"
 #include "kvc/core/dtype.hpp"
@@ -97,6 +98,19 @@ void decode_attention(Cpu, HostView<const float, 3> q, const IntCache<MemorySpac
                       HostView<float, 3> out, const AttentionOptions& options = {});
 void decode_attention(Cpu, HostView<const float, 3> q, const Fp8Cache<MemorySpace::Host>& cache,
                       HostView<float, 3> out, const AttentionOptions& options = {});
+
+// The dequantized keys and values [n, D] (row-major, n = lengths(b, h)) of sequence b, KV head h:
+// the CPU reference's reading of the layout, which decode_attention(Cpu) attends over. For
+// engines' and tests' inspection of a quantized cache (KVCache<Config, Cuda>::materialize).
+void dequantize_head(Cpu, const KiviCache<MemorySpace::Host>& cache, std::int64_t head_dim,
+                     std::int64_t b, std::int64_t h, std::vector<float>& keys,
+                     std::vector<float>& values);
+void dequantize_head(Cpu, const IntCache<MemorySpace::Host>& cache, std::int64_t head_dim,
+                     std::int64_t b, std::int64_t h, std::vector<float>& keys,
+                     std::vector<float>& values);
+void dequantize_head(Cpu, const Fp8Cache<MemorySpace::Host>& cache, std::int64_t head_dim,
+                     std::int64_t b, std::int64_t h, std::vector<float>& keys,
+                     std::vector<float>& values);
 
 // ---- CUDA (kvc::cuda, cuda/quantized_decode_attention.cu) ---------------------------------------
 // One query token per sequence; fp32 accumulation; flash-decoding split along the tokens merged

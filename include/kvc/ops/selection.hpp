@@ -97,4 +97,15 @@ void compact_rows(Cuda, DeviceView<const std::int32_t, 2> keep,
                   DeviceView<const f16, 3> v, DeviceView<f16, 3> k_out, DeviceView<f16, 3> v_out,
                   const CompactSide& side = {});
 
+// ---- gather of byte rows ------------------------------------------------------------------------
+// dst(s, i, :) = src(s, keep[s, i], :) for i < counts[s] (an empty `counts`: every i < Kmax; rows
+// at or past the count are left untouched), rows of any byte size: the codes, scale rows and f16
+// windows of a quantized store whose tokens a decode-time eviction drops (the per-head CPU
+// equivalent is compact_rows(Cpu, keep, rows, width) of kvc/ops/select.hpp). A keep index outside
+// [0, T) fills its row with 0xFF bytes (NaN for f16 rows). Bit-exact; dst must not overlap src.
+void gather_rows(Cuda, DeviceView<const std::int32_t, 2> keep,  // [S, Kmax]
+                 DeviceView<const std::int32_t, 1> counts,      // [S] or empty
+                 DeviceView<const std::byte, 3> src,            // [S, T, row bytes]
+                 DeviceView<std::byte, 3> dst);                 // [S, Kmax, row bytes]
+
 }  // namespace kvc::ops
