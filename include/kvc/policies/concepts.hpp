@@ -75,6 +75,11 @@ struct DecodeInput {
   // Attention probabilities of this step, per storage head [g_s, n_s] flattened (g_s = query
   // heads reading that head). Filled only for policies with kObservesAttention.
   const std::vector<std::vector<float>>* probabilities = nullptr;
+  // The same step's attention already reduced on the device, per storage head [n_s]: each
+  // probability rounded to f16 and summed over the g_s query heads (decode_attention_with_scores
+  // with kH2oScores, overwrite). Policies that accept it (H2O) read it when `probabilities` is
+  // null; the sum is fp32 where the host path sums in double.
+  const std::vector<std::vector<float>>* group_scores = nullptr;
 };
 
 // Decode-time keep sets per storage head (ascending in-cache indices); nullopt = keep everything.

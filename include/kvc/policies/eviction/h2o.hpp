@@ -144,28 +144,34 @@ struct H2o {
 
   DecodeKeep decode(State& state, const DecodeInput& in) const {
     if (variant != H2oVariant::decode) return std::nullopt;
-    KVC_CHECK(in.probabilities != nullptr, "h2o (layer ", in.layer,
+    const bool reduced = in.probabilities == nullptr && in.group_scores != nullptr;
+    const auto* attention = reduced ? in.group_scores : in.probabilities;
+    KVC_CHECK(attention != nullptr, "h2o (layer ", in.layer,
               "): needs this step's attention; call cache.observe(layer, q) before step()");
     auto& heads = layer_state(state, in.layer);
     const auto storage_heads = in.head_sizes.size();
-    KVC_CHECK(in.probabilities->size() == storage_heads, "h2o: attention given for ",
-              in.probabilities->size(), " storage heads, the cache has ", storage_heads);
+    KVC_CHECK(attention->size() == storage_heads, "h2o: attention given for ", attention->size(),
+              " storage heads, the cache has ", storage_heads);
     heads.resize(storage_heads);
     bool evicted = false;
     std::vector<std::vector<std::int32_t>> keep(storage_heads);
     std::vector<double> ranked;
     for (std::size_t s = 0; s < storage_heads; ++s) {
       const int n = in.head_sizes[s];
-      const auto& p = (*in.probabilities)[s];  // [g, n]
-      KVC_CHECK(n > 0 && p.size() % n == 0, "h2o: attention of storage head ", s, " has ", p.size(),
-                " values for ", n, " tokens");
+      const auto& p = (*attention)[s];  // [g, n], or [n] already reduced
+      KVC_CHECK(n > 0 && p.size() % n == 0 && (!reduced || p.size() == static_cast<std::size_t>(n)),
+                "h2o: attention of storage head ", s, " has ", p.size(), " values for ", n,
+                " tokens");
       const auto rows = p.size() / n;
       auto& scores = heads[s];
       scores.resize(n);  // the tokens appended since the last step start at (0, 0)
       ranked.resize(n);
       for (int j = 0; j < n; ++j) {
         double sum = 0;
-        for (std::size_t r = 0; r < rows; ++r) sum += static_cast<float>(f16(p[r * n + j]));
+        if (reduced)
+          sum = p[j];  // rounded and group-summed on the device
+        else
+          for (std::size_t r = 0; r < rows; ++r) sum += static_cast<float>(f16(p[r * n + j]));
         scores[j].sum += sum;
         scores[j].seen += 1;
         ranked[j] = score(scores[j]);
