@@ -1,14 +1,17 @@
 // KVCache<Config, kvc::Cuda> (kvc/cache/kv_cache_cuda.hpp) against KVCache<Config, kvc::Cpu> on
 // the real dump, through the kvc eval protocol (prefill a prefix, compress, then per decode token
-// append + attend + observe + step): stored positions and f16 rows identical (full,
-// StreamingLLM, SnapKV; a SnapKV token may change sides only on a near-tie of the pooled scores,
-// derived below), attention outputs within a derived tolerance, bytes() equal.
+// append + attend + observe + step): stored positions and (dequantized) rows identical after every
+// step (full, StreamingLLM, SnapKV, H2O; f16 rows, KIVI, INT8/INT4, FP8: the dump is f16, so the
+// GPU quantizes exactly the CPU's values and codes and parameters must be bit-identical; a SnapKV
+// token may change sides only on a near-tie of the pooled scores, derived below), attention
+// outputs within a derived tolerance, bytes() equal.
 #include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
 #include <set>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -18,8 +21,12 @@
 #include "kvc/core/error.hpp"
 #include "kvc/eval/dump.hpp"
 #include "kvc/ops/attention.hpp"
+#include "kvc/policies/eviction/h2o.hpp"
 #include "kvc/policies/eviction/snapkv.hpp"
 #include "kvc/policies/eviction/streaming_llm.hpp"
+#include "kvc/policies/quant/fp8.hpp"
+#include "kvc/policies/quant/int_per_token.hpp"
+#include "kvc/policies/quant/kivi.hpp"
 
 namespace {
 
@@ -31,6 +38,11 @@ struct StreamingConfig : kvc::DefaultConfig {
 };
 struct SnapConfig : kvc::DefaultConfig {
   using Eviction = kvc::SnapKv;
+};
+template <class E, class Q>
+struct Composed : kvc::DefaultConfig {
+  using Eviction = E;
+  using Quant = Q;
 };
 
 // Token t of a [H, T, D] view as contiguous [H, D] rows.
@@ -49,6 +61,25 @@ bool same_contents(const std::vector<kvc::HeadContents>& a,
         a[s].keys != b[s].keys || a[s].values != b[s].values)
       return false;
   return true;
+}
+
+// The first difference between two caches' contents, for the failure message.
+std::string first_difference(const std::vector<kvc::HeadContents>& a,
+                             const std::vector<kvc::HeadContents>& b) {
+  if (a.size() != b.size()) return "storage head counts differ";
+  for (std::size_t s = 0; s < a.size(); ++s) {
+    if (a[s].positions != b[s].positions) return "head " + std::to_string(s) + ": positions";
+    for (const auto& [name, x, y] : {std::tuple{"key", &a[s].keys, &b[s].keys},
+                                     std::tuple{"value", &a[s].values, &b[s].values}}) {
+      if (x->size() != y->size()) return "head " + std::to_string(s) + ": " + name + " sizes";
+      for (std::size_t i = 0; i < x->size(); ++i)
+        if ((*x)[i] != (*y)[i])
+          return "head " + std::to_string(s) + " " + name + " element " + std::to_string(i) +
+                 " (row " + std::to_string(i / 64) + "): cpu " + std::to_string((*x)[i]) + " gpu " +
+                 std::to_string((*y)[i]) + " of " + std::to_string(x->size());
+    }
+  }
+  return "none";
 }
 
 void require_equal_bytes(const kvc::StorageBytes& cpu, const kvc::StorageBytes& gpu) {
@@ -126,10 +157,16 @@ int check_snapkv_differences(const kvc::SnapKv& snap, const std::vector<kvc::Hea
 // q.k in fp32 differ by at most (D + 2) * 2^-24 * scale * sum_c |q_c k_c| each, which perturbs
 // every weight by twice that relative. A relative weight perturbation e moves the output by at
 // most e * max|v| (per coordinate).
+// Quantized stores (quantized = true): the fused kernels compute q.k as sum_c (q_c s_c) code_c +
+// sum_c q_c m_c and p.v as sum_t (p_t s_t) code_t + sum_t p_t m_t, so the rounding errors scale
+// with |s code| + |m| instead of |k| (|v|): for min-max codes |s code| <= max - min and |m| =
+// |min|, both at most the group's max |x| <= the column's (row's) max over the head, M; so the dot
+// bound uses 3 * sum_c |q_c| M_c and the value bound 3 * max|v|. (FP8 and symmetric INT have no
+// minimum: the factor 3 covers them too.)
 void require_attention_close(const std::vector<float>& gpu, const std::vector<float>& reference,
                              const std::vector<float>& q,
                              const std::vector<kvc::HeadContents>& heads, int q_heads, int head_dim,
-                             const std::string& where) {
+                             const std::string& where, bool quantized = false) {
   const int per_store = q_heads / static_cast<int>(heads.size());
   const double scale = 1.0 / std::sqrt(static_cast<double>(head_dim));
   double worst_excess = -INFINITY;
@@ -138,13 +175,23 @@ void require_attention_close(const std::vector<float>& gpu, const std::vector<fl
     const auto& head = heads[h / per_store];
     const std::size_t n = head.positions.size();
     double max_v = 0, max_dot = 0;
+    std::vector<double> column_max(head_dim, 0.0);
     for (std::size_t j = 0; j < n; ++j) {
       double dot = 0;
       for (int c = 0; c < head_dim; ++c) {
         dot += std::fabs(static_cast<double>(q[h * head_dim + c]) * head.keys[j * head_dim + c]);
         max_v = std::max(max_v, std::fabs(static_cast<double>(head.values[j * head_dim + c])));
+        column_max[c] =
+            std::max(column_max[c], std::fabs(static_cast<double>(head.keys[j * head_dim + c])));
       }
       max_dot = std::max(max_dot, dot);
+    }
+    if (quantized) {
+      double bound = 0;
+      for (int c = 0; c < head_dim; ++c)
+        bound += std::fabs(static_cast<double>(q[h * head_dim + c])) * column_max[c];
+      max_dot = 3 * bound;
+      max_v *= 3;
     }
     const double dot_error = (head_dim + 2) * std::ldexp(1.0, -24) * scale * max_dot;
     const double weight_error = (static_cast<double>(n) + 8) * std::ldexp(1.0, -24) + 2 * dot_error;
@@ -187,13 +234,15 @@ struct ProtocolResult {
 };
 
 // The kvc eval protocol on the first `layers` layers of seq0, both caches side by side.
-template <class Config, class Policy>
-ProtocolResult run_protocol(const Policy& policy, int layers, int prefix, int decode_tokens) {
+template <class Config, class Policy, class Quant = kvc::NoQuant>
+ProtocolResult run_protocol(const Policy& policy, int layers, int prefix, int decode_tokens,
+                            const Quant& quant = {}) {
+  constexpr bool quantized = !std::is_same_v<Quant, kvc::NoQuant>;
   const kvc::KvDump dump = kvc::load_dump(dump_path());
   REQUIRE(prefix + decode_tokens <= dump.tokens);
   const kvc::CacheShape shape{layers, dump.q_heads, dump.kv_heads, dump.head_dim};
-  kvc::KVCache<Config, kvc::Cpu> cpu{shape, policy};
-  kvc::KVCache<Config, kvc::Cuda> gpu{shape, policy};
+  kvc::KVCache<Config, kvc::Cpu> cpu{shape, policy, quant};
+  kvc::KVCache<Config, kvc::Cuda> gpu{shape, policy, quant};
   const int hq = dump.q_heads, d = dump.head_dim;
   ProtocolResult result;
   for (int l = 0; l < layers; ++l) {
@@ -234,25 +283,33 @@ ProtocolResult run_protocol(const Policy& policy, int layers, int prefix, int de
       const std::string where = "layer " + std::to_string(l) + " token " + std::to_string(t);
       if (identical) {
         cpu_heads = cpu.materialize(l);
+        INFO(where << ": first difference: " << first_difference(cpu_heads, gpu_heads));
         REQUIRE(same_contents(cpu_heads, gpu_heads));
-        require_attention_close(gpu_out, cpu_out, qt, cpu_heads, hq, d, where);
+        require_attention_close(gpu_out, cpu_out, qt, cpu_heads, hq, d, where, quantized);
       } else {
         require_attention_close(gpu_out, cpu_attention(qt, gpu_heads, hq, d), qt, gpu_heads, hq, d,
-                                where);
+                                where, quantized);
       }
       cpu.observe(l, q_view);
       gpu.observe(l, q_view);
       cpu.step(l);
       gpu.step(l);
-      // After the decode-time eviction (StreamingLLM): the same positions on both.
+      // After the decode-time eviction (StreamingLLM, H2O) and the flushes (KIVI, INT windows):
+      // the same positions on both, and the same (dequantized) contents.
       const auto gpu_after = gpu.materialize(l);
       for (int s = 0; s < gpu.storage_heads(l); ++s) {
         REQUIRE(gpu.tokens(l, s) == cpu.tokens(l, s));
         if (identical) {
           const auto cpu_positions = cpu.positions(l, s);
+          INFO(where << " storage head " << s);
           REQUIRE(gpu_after[s].positions ==
                   std::vector<std::int32_t>(cpu_positions.begin(), cpu_positions.end()));
         }
+      }
+      if (identical) {
+        const auto cpu_after = cpu.materialize(l);
+        INFO(where << " after step: first difference: " << first_difference(cpu_after, gpu_after));
+        REQUIRE(same_contents(cpu_after, gpu_after));
       }
       require_equal_bytes(cpu.bytes(l), gpu.bytes(l));
       ++result.steps_checked;
@@ -305,6 +362,70 @@ TEST_CASE("cuda KVCache snapkv matches the CPU cache on the real dump", "[cuda][
   }
 }
 
+TEST_CASE("cuda KVCache quantized stores match the CPU cache on the real dump",
+          "[cuda][kv_cache_cuda][quantized]") {
+  using kvc::QuantAxis;
+  SECTION("kivi-2, G 32, R 64: key flush after 64 steps, a value flush every step") {
+    const auto r = run_protocol<Composed<kvc::NoEviction, kvc::Kivi>>(
+        kvc::NoEviction{}, kLayers, kPrefix, kDecode, kvc::Kivi{.group = 32, .residual = 64});
+    REQUIRE(r.steps_checked == kLayers * kDecode);
+  }
+  SECTION("kivi-4, G 64, R 128, over SnapKV (GPU selection)") {
+    const auto r = run_protocol<Composed<kvc::SnapKv, kvc::Kivi>>(
+        kvc::SnapKv{.budget = 256, .window = 32}, kLayers, kPrefix, kDecode,
+        kvc::Kivi{.key_bits = 4, .value_bits = 4, .group = 64, .residual = 128});
+    WARN("snapkv+kivi: " << r.snapkv_differing_tokens << " prompt tokens kept differently");
+    REQUIRE(r.steps_checked == kLayers * kDecode);
+  }
+  SECTION("int8 symmetric over StreamingLLM: a token evicted every step") {
+    const auto r = run_protocol<Composed<kvc::StreamingLlm, kvc::IntPerToken>>(
+        kvc::StreamingLlm{.sink = 4, .recent = 300}, kLayers, kPrefix, kDecode, kvc::IntPerToken{});
+    REQUIRE(r.steps_checked == kLayers * kDecode);
+  }
+  SECTION("int4 asymmetric, group 32, f32 scales, f16 window of 16, over StreamingLLM") {
+    const auto r = run_protocol<Composed<kvc::StreamingLlm, kvc::IntPerToken>>(
+        kvc::StreamingLlm{.sink = 4, .recent = 300}, kLayers, kPrefix, kDecode,
+        kvc::IntPerToken{.bits = 4,
+                         .symmetric = false,
+                         .group = 32,
+                         .scales = kvc::ops::ParamDType::f32,
+                         .residual = 16});
+    REQUIRE(r.steps_checked == kLayers * kDecode);
+  }
+  SECTION("fp8 e4m3, scales per head, over SnapKV") {
+    const auto r = run_protocol<Composed<kvc::SnapKv, kvc::Fp8>>(
+        kvc::SnapKv{.budget = 192, .window = 16}, kLayers, kPrefix, kDecode, kvc::Fp8{});
+    WARN("snapkv+fp8: " << r.snapkv_differing_tokens << " prompt tokens kept differently");
+    REQUIRE(r.steps_checked == kLayers * kDecode);
+  }
+  SECTION("fp8 e5m2, one scale per layer (scope tensor), over StreamingLLM") {
+    const auto r = run_protocol<Composed<kvc::StreamingLlm, kvc::Fp8>>(
+        kvc::StreamingLlm{.sink = 4, .recent = 300}, kLayers, kPrefix, kDecode,
+        kvc::Fp8{.kind = kvc::ops::Fp8Kind::e5m2, .scope = kvc::Fp8Scope::tensor});
+    REQUIRE(r.steps_checked == kLayers * kDecode);
+  }
+  SECTION("fp8 e4m3 with static scales, over H2O's prefill variant") {
+    const auto r = run_protocol<Composed<kvc::H2o, kvc::Fp8>>(
+        kvc::H2o{.variant = kvc::H2oVariant::prefill, .budget = 256, .window = 16}, kLayers,
+        kPrefix, kDecode, kvc::Fp8{.key_scale = 0.05, .value_scale = 0.01});
+    REQUIRE(r.steps_checked == kLayers * kDecode);
+  }
+}
+
+TEST_CASE("cuda KVCache h2o matches the CPU cache on the real dump", "[cuda][kv_cache_cuda]") {
+  SECTION("decode variant: scores from the attention kernel, one eviction per step") {
+    const auto r = run_protocol<Composed<kvc::H2o, kvc::NoQuant>>(
+        kvc::H2o{.heavy = 96, .recent = 160}, kLayers, kPrefix, kDecode);
+    REQUIRE(r.steps_checked == kLayers * kDecode);
+  }
+  SECTION("decode variant, observed-attention normalisation") {
+    const auto r = run_protocol<Composed<kvc::H2o, kvc::NoQuant>>(
+        kvc::H2o{.heavy = 64, .recent = 64, .normalize = kvc::ScoreNormalize::observed}, kLayers,
+        kPrefix, kDecode);
+    REQUIRE(r.steps_checked == kLayers * kDecode);
+  }
+}
+
 TEST_CASE("cuda KVCache rejects what it does not support, naming both sides",
           "[cuda][kv_cache_cuda]") {
   const kvc::CacheShape shape{1, 8, 2, 64};
@@ -320,6 +441,28 @@ TEST_CASE("cuda KVCache rejects what it does not support, naming both sides",
                       Contains("head_dim = 96"));
   REQUIRE_THROWS_WITH((kvc::KVCache<FullConfig, kvc::Cuda>{kvc::CacheShape{1, 32, 2, 64}}),
                       Contains("16 query heads per storage head"));
+  REQUIRE_THROWS_WITH((kvc::KVCache<Composed<kvc::H2o, kvc::IntPerToken>, kvc::Cuda>{
+                          shape, kvc::H2o{.heavy = 8, .recent = 8}, kvc::IntPerToken{}}),
+                      Contains("h2o") && Contains("int_per_token") && Contains("cuda"));
+  REQUIRE_THROWS_WITH((kvc::KVCache<Composed<kvc::StreamingLlm, kvc::Kivi>, kvc::Cuda>{
+                          shape, kvc::StreamingLlm{}, kvc::Kivi{}}),
+                      Contains("streamingllm") && Contains("kivi"));
+  REQUIRE_THROWS_WITH((kvc::KVCache<Composed<kvc::NoEviction, kvc::Kivi>, kvc::Cuda>{
+                          shape, kvc::Kivi{.key_bits = 8, .value_bits = 8}}),
+                      Contains("kivi") && Contains("cuda"));
+  REQUIRE_THROWS_WITH((kvc::KVCache<Composed<kvc::NoEviction, kvc::IntPerToken>, kvc::Cuda>{
+                          shape, kvc::IntPerToken{.group = 8}}),
+                      Contains("group=8") && Contains("cuda"));
+  // A quantized store refuses a NaN key, naming where it is.
+  {
+    kvc::KVCache<Composed<kvc::NoEviction, kvc::Fp8>, kvc::Cuda> fp8{shape, kvc::Fp8{}};
+    std::vector<float> kv(2 * 4 * 64, 1.0f), q(8 * 4 * 64, 1.0f);
+    kv[2 * 64 + 5] = NAN;  // KV head 0, position 2, channel 5
+    const auto view = kvc::make_view(static_cast<const float*>(kv.data()), {2, 4, 64});
+    REQUIRE_THROWS_WITH(
+        fp8.prefill(0, view, view, kvc::make_view(static_cast<const float*>(q.data()), {8, 4, 64})),
+        Contains("position 2") && Contains("channel 5"));
+  }
   // An attend before anything was stored names the layer's state.
   kvc::KVCache<FullConfig, kvc::Cuda> empty{shape};
   std::vector<float> q(8 * 64, 0.0f), out(8 * 64);
