@@ -93,3 +93,19 @@ run "merging, low-rank keys, layer sharing" \
   'minicache' \
   'minicache+kivi(bits=4,group=32,residual=32)' \
   'cla(share=2)'
+
+# On a GPU machine (a build with CUDA), the policies that have a CUDA cache run once more with
+# their caches on the device: same protocol, same bytes and kept tokens, GPU kernels throughout.
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  echo
+  echo "== the same on the GPU (kvc eval --device cuda)"
+  "$kvc" eval --device cuda --data "$work/seq0" \
+    --policy 'full' \
+    --policy 'streamingllm(sink=4,recent=124)' \
+    --policy 'snapkv(budget=128,window=16,kernel=7,pool=max)' \
+    --policy 'h2o(heavy=64,recent=64)' \
+    --policy 'kivi(bits=2,group=32,residual=32)' \
+    --policy 'int8' \
+    --policy 'fp8(kind=e4m3)' \
+    --policy 'snapkv(budget=128,window=16,kernel=7,pool=max)+kivi(bits=2,group=32,residual=32)'
+fi

@@ -14,6 +14,9 @@
 #include "kvc/core/error.hpp"
 #include "kvc/eval/dump.hpp"
 #include "kvc/eval/evaluate.hpp"
+#if defined(KVC_HAVE_CUDA_EVAL)
+#include "kvc/eval/evaluate_cuda.hpp"
+#endif
 #include "kvc/eval/inspect.hpp"
 #include "kvc/eval/registry.hpp"
 
@@ -54,6 +57,9 @@ options:
   --prefix N          prompt length; default floor(0.75 * T); must be in [1, T-1]
   --positions MODE    absolute (default: keys keep their rotation) | reindexed (kept keys and the
                       query re-rotated to in-cache indices, StreamingLLM pos-shift)
+  --device DEVICE     cpu (default: the reference caches, every policy) | cuda (the caches live
+                      on the GPU: KVCache<Config, Cuda>; eviction none, streamingllm, snapkv, h2o
+                      with quantization none, kivi, int8/int4, fp8)
   --json FILE         also write the results as JSON
   --dump DIR          write DIR/<i>/layer_<l>/{positions,keys,values}.npy: the state of policy i
                       right after prefill compression (positions int32 [S, n_max] padded with -1;
@@ -139,6 +145,14 @@ int run_eval(const std::vector<std::string>& args) {
         options.positions = kvc::PositionMode::reindexed;
       else
         throw UsageError(fmt::format("--positions = '{}' is not one of absolute, reindexed", mode));
+    } else if (a == "--device") {
+      const std::string device = option_value(args, i);
+      if (device == "cpu")
+        options.device = kvc::EvalDevice::cpu;
+      else if (device == "cuda")
+        options.device = kvc::EvalDevice::cuda;
+      else
+        throw UsageError(fmt::format("--device = '{}' is not one of cpu, cuda", device));
     } else if (a == "--json") {
       json_path = option_value(args, i);
     } else if (a == "--dump") {
@@ -152,7 +166,17 @@ int run_eval(const std::vector<std::string>& args) {
     throw UsageError("eval needs at least one --policy SPEC (see kvc eval --help)");
   for (const auto& spec : specs) kvc::build_policies(spec);  // spec errors before loading data
   const kvc::KvDump dump = kvc::load_dump(data);
-  const kvc::EvalResult result = kvc::evaluate(dump, specs, options);
+  kvc::EvalResult result;
+  if (options.device == kvc::EvalDevice::cuda) {
+#if defined(KVC_HAVE_CUDA_EVAL)
+    result = kvc::evaluate_cuda(dump, specs, options);
+#else
+    throw kvc::Error(
+        "--device cuda: this kvc was built without CUDA (configure with -DKVC_ENABLE_CUDA=ON)");
+#endif
+  } else {
+    result = kvc::evaluate(dump, specs, options);
+  }
   std::cout << kvc::format_table(result);
   if (!json_path.empty()) write_file(json_path, kvc::format_json(result));
   return 0;

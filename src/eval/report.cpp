@@ -12,8 +12,9 @@ std::string format_table(const EvalResult& result) {
   std::size_t spec_width = 6;
   for (const auto& p : result.policies) spec_width = std::max(spec_width, p.spec.size());
   std::string text =
-      fmt::format("data: {}  tokens: {}  prefix: {}  decode steps: {}\n", result.data,
-                  result.tokens, result.prefix, result.tokens - result.prefix);
+      fmt::format("data: {}  tokens: {}  prefix: {}  decode steps: {}{}\n", result.data,
+                  result.tokens, result.prefix, result.tokens - result.prefix,
+                  result.device == "cpu" ? "" : "  device: " + result.device);
   text += fmt::format("{:<{}}  {:>10}  {:>11}  {:>10}  {:>10}  {:>7}  {:>10}  {:>8}  {:>8}\n",
                       "policy", spec_width, "rel_error", "attn_recall", "bytes", "full_bytes",
                       "ratio", "bits/value", "index", "host");
@@ -28,6 +29,7 @@ std::string format_table(const EvalResult& result) {
 std::string format_json(const EvalResult& result) {
   json::Value root;
   root.set("data", result.data);
+  root.set("device", result.device);
   root.set("tokens", result.tokens);
   root.set("prefix", result.prefix);
   json::Value policies = json::Value::array();

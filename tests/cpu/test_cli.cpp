@@ -212,6 +212,12 @@ TEST_CASE("kvc eval error paths print one clear line", "[cli]") {
   require_one_line_error(run_tool(data + "--policy full --prefix 0"), "prefix = 0 out of range");
   require_one_line_error(run_tool(data + "--policy full --prefix abc"), "'abc' is not an integer");
   require_one_line_error(run_tool(data + "--policy full --bogus"), "unknown option '--bogus'");
+  require_one_line_error(run_tool(data + "--policy full --device gpu"),
+                         "--device = 'gpu' is not one of cpu, cuda");
+  // Without a GPU (CI), whether kvc was built with CUDA or not, the line names the option (a GPU
+  // machine runs the --device cuda protocol in tests/cuda/test_eval_cuda.cpp).
+  if (!fs::exists("/dev/nvidiactl"))
+    require_one_line_error(run_tool(data + "--policy full --device cuda"), "--device cuda");
   require_one_line_error(run_tool("eval --policy full"), "needs --data");
   require_one_line_error(run_tool(data), "needs at least one --policy");
   require_one_line_error(run_tool("frobnicate"), "unknown command 'frobnicate'");

@@ -31,7 +31,12 @@
 
 namespace kvc {
 
+// Where the caches live: cpu = KVCache<RuntimeConfig, Cpu> (every policy); cuda =
+// KVCache<Config, Cuda> (kvc/eval/evaluate_cuda.hpp: the policies with a CUDA cache path).
+enum class EvalDevice { cpu, cuda };
+
 struct EvalOptions {
+  EvalDevice device = EvalDevice::cpu;
   int prefix = -1;  // -1 selects floor(0.75 * T)
   PositionMode positions = PositionMode::absolute;
   std::filesystem::path dump_dir;  // empty: no --dump output
@@ -59,6 +64,7 @@ struct PolicyResult {
 
 struct EvalResult {
   std::string data;
+  std::string device = "cpu";  // "cpu" or "cuda: <device name>"
   int prefix = 0;
   int tokens = 0;
   std::vector<PolicyResult> policies;
@@ -70,6 +76,7 @@ int default_prefix(int tokens);
 // options.dump_dir / <policy_index> / layer_<l> / {positions,keys,values}.npy.
 PolicyResult evaluate_policy(const KvDump& dump, const std::string& spec,
                              const EvalOptions& options, int policy_index = 0);
+// The CPU evaluation (options.device must be cpu; kvc/eval/evaluate_cuda.hpp has the GPU one).
 EvalResult evaluate(const KvDump& dump, const std::vector<std::string>& specs,
                     const EvalOptions& options);
 
