@@ -11,25 +11,11 @@ kvc_cuda_bench's snapkv_selection benchmark from the same machine, prints kvc's 
 """
 import argparse
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
 
-
-def median_ms(fn, warmup=3, calls=10):
-    for _ in range(warmup):
-        fn()
-    start = torch.cuda.Event(enable_timing=True)
-    stop = torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(calls):
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
+from torch_support import median_ms
 
 
 def kvc_times(path):
@@ -63,7 +49,8 @@ def main():
         k = torch.randn(1, 8, context, 128, device="cuda", dtype=torch.bfloat16)
         v = torch.randn(1, 8, context, 128, device="cuda", dtype=torch.bfloat16)
         sdpa = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                                enable_gqa=True))
+                                                                enable_gqa=True),
+                         warmup=3, calls=10)
         del q, k, v
         if context in kvc:
             total, scores, top, compact = kvc[context]
