@@ -2,6 +2,10 @@
 // (kvc/ops/quantized_attention.hpp): KIVI (keys per channel in token groups, values per token),
 // per-token INT8/INT4 and FP8, plus their f16 residual rows.
 //
+// KIVI (namespace kivi_mma below), per-token INT8/INT4 and FP8 (namespace token_mma) run on tensor
+// cores when every staged part is 16-byte aligned (and, for INT, channel groups of a multiple of
+// 16, INT4 32); other caches take the CUDA-core kernel described here.
+//
 // One block of 4 warps per (split of the tokens, KV head, sequence); each warp takes tiles of 32
 // tokens and keeps its own online softmax for the G query heads of the GQA group, which share
 // every load. Codes are decoded in registers only: an unsigned b-bit field f becomes the float
@@ -235,6 +239,27 @@ __device__ inline float warp_sum(float x) {
 #pragma unroll
   for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(kFull, x, o);
   return x;
+}
+
+// A block's result for output element d of (sequence b, q_head): the output itself (one split) or
+// the split's partials. A NaN sum (a NaN score, e.g. kivi_mma's out-of-range key scales) stays NaN.
+template <int D>
+__device__ inline void write_result(const Params& p, bool valid, float total, float sum,
+                                    float block_max, int b, int q_head, int split, int d) {
+  if (p.splits == 1) {
+    const float o = !valid ? NAN : (sum != 0.0f ? total / sum : 0.0f);
+    auto* dst = reinterpret_cast<std::uint16_t*>(p.out + b * p.out_batch + q_head * p.out_head);
+    dst[d] = p.bf16 ? __bfloat16_as_ushort(__float2bfloat16_rn(o))
+                    : __half_as_ushort(__float2half_rn(o));
+  } else {
+    const std::int64_t row = (static_cast<std::int64_t>(b) * p.q_heads + q_head) * p.splits + split;
+    p.workspace[row * D + d] = valid ? total : NAN;
+    if (d == 0) {
+      const std::int64_t partials = static_cast<std::int64_t>(p.batch) * p.q_heads * p.splits;
+      p.workspace[partials * D + row] = block_max;
+      p.workspace[partials * (D + 1) + row] = sum;
+    }
+  }
 }
 
 // Reduce-scatter of part[0, 2 Half) over the slice bits of the lane, highest first: lanes with the
@@ -554,21 +579,7 @@ __global__ void __launch_bounds__(kThreads) quantized_split_kernel(Params p) {
     }
     total *= out_factor;
     const int q_head = kv_head * G + h;
-    if (p.splits == 1) {
-      const float o = !valid ? NAN : (sum > 0.0f ? total / sum : 0.0f);
-      auto* dst = reinterpret_cast<std::uint16_t*>(p.out + b * p.out_batch + q_head * p.out_head);
-      dst[d] = p.bf16 ? __bfloat16_as_ushort(__float2bfloat16_rn(o))
-                      : __half_as_ushort(__float2half_rn(o));
-    } else {
-      const std::int64_t row =
-          (static_cast<std::int64_t>(b) * p.q_heads + q_head) * p.splits + split;
-      p.workspace[row * D + d] = valid ? total : NAN;
-      if (d == 0) {
-        const std::int64_t partials = static_cast<std::int64_t>(p.batch) * p.q_heads * p.splits;
-        p.workspace[partials * D + row] = block_max;
-        p.workspace[partials * (D + 1) + row] = sum;
-      }
-    }
+    write_result<D>(p, valid, total, sum, block_max, b, q_head, split, d);
   }
 }
 
@@ -582,6 +593,1222 @@ __global__ void __launch_bounds__(D) quantized_merge_kernel(Params p) {
   dst[d] =
       p.bf16 ? __bfloat16_as_ushort(__float2bfloat16_rn(o)) : __half_as_ushort(__float2half_rn(o));
 }
+
+// ---- Pieces shared by the tensor-core kernels (kivi_mma and token_mma below) ------------------
+namespace mma_parts {
+
+constexpr int kWarpsPerBlock = 4;
+
+__device__ inline std::uint32_t h2u(__half2 x) { return *reinterpret_cast<std::uint32_t*>(&x); }
+__device__ inline __half2 u2h(std::uint32_t x) { return *reinterpret_cast<__half2*>(&x); }
+
+__device__ inline std::uint32_t pack_halves(__half lo, __half hi) {
+  return static_cast<std::uint32_t>(__half_as_ushort(lo)) |
+         (static_cast<std::uint32_t>(__half_as_ushort(hi)) << 16);
+}
+
+__device__ inline void mma16816(float (&c)[4], std::uint32_t a0, std::uint32_t a1, std::uint32_t a2,
+                                std::uint32_t a3, std::uint32_t b0, std::uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ inline void cp_async16(void* smem, const void* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ inline void cp_async8(void* smem, const void* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(s), "l"(gmem));
+}
+__device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ inline void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Four 8x8 b16 matrices from shared memory, lanes 8i .. 8i + 7 giving the row addresses of matrix
+// i: thread (g, t) receives word t of row g of each (trans: rows 2t, 2t + 1 of b16 column g).
+__device__ inline void ldmatrix_x4(std::uint32_t (&r)[4], const void* row) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+__device__ inline void ldmatrix_x4_trans(std::uint32_t (&r)[4], const void* row) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(row));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(s));
+}
+
+// x as the f16 pair hi = f16(x), lo = f16(2^11 (x - hi)): x = hi + 2^-11 lo to about 2^-22 |x|.
+__device__ inline void put_hi_lo(__half* hi, __half* lo, float x) {
+  const __half h = __float2half_rn(x);
+  *hi = h;
+  *lo = __float2half_rn((x - __half2float(h)) * 2048.0f);
+}
+
+// q of the block's G query heads into q_raw [G][D] (fp32), and per head a power of two 2^E that
+// brings max|q 2^E| into [2^(top - 1), 2^top): q_scale[h] = 2^E, q_unscale[h] = 2^-E factor.
+template <int D, int G>
+__device__ void load_q_scaled(const Params& p, int b, int kv_head, int top, float factor,
+                              float* q_raw, float* q_scale, float* q_unscale) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int i = threadIdx.x; i < G * D; i += kWarpsPerBlock * 32) {
+    const int h = i / D, c = i % D;
+    const auto* row =
+        reinterpret_cast<const std::uint16_t*>(p.q + b * p.q_batch + (kv_head * G + h) * p.q_head);
+    const std::uint16_t bits = row[c];
+    q_raw[i] = p.bf16 ? __uint_as_float(static_cast<std::uint32_t>(bits) << 16)
+                      : __half2float(__ushort_as_half(bits));
+  }
+  __syncthreads();
+  for (int h = warp; h < G; h += kWarpsPerBlock) {
+    float mx = 0.0f;
+    for (int c = lane; c < D; c += 32) mx = fmaxf(mx, fabsf(q_raw[h * D + c]));
+    mx = warp_max(mx);
+    int e = 0;
+    frexpf(mx, &e);
+    int E = mx > 0.0f ? top - e : 0;
+    E = max(-120, min(120, E));
+    if (lane == 0) {
+      q_scale[h] = ldexpf(1.0f, E);
+      q_unscale[h] = ldexpf(1.0f, -E) * factor;
+    }
+  }
+  __syncthreads();
+}
+
+// The B fragments of q for q.K, n = 2 G columns (column h: hi of head h, column G + h: its lo):
+// ql[(j kKS + s) 32 + lane] holds, for column 8 j + g, the k slots 2t, 2t + 1, 2t + 8, 2t + 9 of
+// k-step s, which are channels chan(s, t, 0 .. 3). qf (KIVI's q' inputs; may be null): hi of
+// every column, 2^11 hi of the lo columns.
+template <int D, int G, class Chan>
+__device__ void build_q_fragments(const float* q_raw, const float* q_scale, uint4* qf, uint2* ql,
+                                  Chan chan) {
+  constexpr int kNT = (2 * G + 7) / 8, kKS = D / 16;
+  for (int idx = threadIdx.x; idx < kNT * kKS * 32; idx += kWarpsPerBlock * 32) {
+    const int ln = idx % 32, s = (idx / 32) % kKS, j = idx / (32 * kKS);
+    const int col = 8 * j + (ln >> 2);
+    __half qh[4], QH[4], QL[4];
+    for (int i = 0; i < 4; ++i) qh[i] = QH[i] = QL[i] = __float2half_rn(0.0f);
+    if (col < 2 * G) {
+      const bool lo = col >= G;
+      const int h = lo ? col - G : col;
+      for (int i = 0; i < 4; ++i) {
+        const float x = q_raw[h * D + chan(s, ln & 3, i)] * q_scale[h];
+        const __half hi = __float2half_rn(x);
+        qh[i] = hi;
+        if (lo) {
+          QH[i] = __float2half_rn(__half2float(hi) * 2048.0f);
+          QL[i] = __float2half_rn((x - __half2float(hi)) * 2048.0f);
+        } else {
+          QL[i] = hi;
+        }
+      }
+    }
+    if (qf != nullptr)
+      qf[idx] = make_uint4(pack_halves(qh[0], qh[1]), pack_halves(qh[2], qh[3]),
+                           pack_halves(QH[0], QH[1]), pack_halves(QH[2], QH[3]));
+    ql[idx] = make_uint2(pack_halves(QL[0], QL[1]), pack_halves(QL[2], QL[3]));
+  }
+}
+
+// Online softmax over one tile, lane = token (live: inside the split): scores from S [32][kCols +
+// 1] (hi column h plus 2^-11 lo column G + h, times q_unscale[h]); the probabilities go to prob,
+// each column's correction to corr_s. Returns whether any running maximum moved.
+template <int G, int kCols>
+__device__ inline bool softmax_tile(const float* S, const float* q_unscale, bool live,
+                                    float (&run_max)[G], float (&run_sum)[G], float (&prob)[G],
+                                    float* corr_s) {
+  const int lane = threadIdx.x % 32;
+  bool rescale = false;
+#pragma unroll
+  for (int h = 0; h < G; ++h) {
+    float x = (S[lane * (kCols + 1) + h] + S[lane * (kCols + 1) + G + h] * (1.0f / 2048.0f)) *
+              q_unscale[h];
+    if (!live) x = -INFINITY;
+    const float new_max = fmaxf(run_max[h], warp_max(x));
+    const float correction = exp2f(run_max[h] - new_max);
+    prob[h] = exp2f(x - new_max);
+    run_sum[h] = fmaf(run_sum[h], correction, prob[h]);
+    run_max[h] = new_max;
+    rescale = rescale || correction != 1.0f;
+    if (lane == h || lane == G + h) corr_s[lane] = correction;
+  }
+  return rescale;
+}
+
+// The p.V accumulators (m-tiles x n-tiles) times their column's correction.
+template <int kM, int kNT>
+__device__ inline void rescale_acc(float (&acc)[kM][kNT][4], const float* corr_s, int t) {
+#pragma unroll
+  for (int j = 0; j < kNT; ++j) {
+    const float c0 = corr_s[8 * j + 2 * t], c1 = corr_s[8 * j + 2 * t + 1];
+#pragma unroll
+    for (int i = 0; i < kM; ++i) {
+      acc[i][j][0] *= c0, acc[i][j][1] *= c1;
+      acc[i][j][2] *= c0, acc[i][j][3] *= c1;
+    }
+  }
+}
+
+// The end of a split, part 1: a warp's accumulators [2 G][D] into its own (now free) shared memory
+// W (channel(i, half) = the channel of rows g (half 0) and g + 8 (half 1) of m-tile i), its maxima
+// and sums into wmax / wsum [warps][G].
+template <int D, int G, int kM, int kNT, class Channel>
+__device__ inline void store_warp(const float (&acc)[kM][kNT][4], const float (&run_max)[G],
+                                  float (&run_sum)[G], float* W, float* wmax, float* wsum,
+                                  Channel channel) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, t = lane & 3;
+#pragma unroll
+  for (int h = 0; h < G; ++h) run_sum[h] = warp_sum(run_sum[h]);
+#pragma unroll
+  for (int i = 0; i < kM; ++i)
+#pragma unroll
+    for (int j = 0; j < kNT; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int col = 8 * j + 2 * t + (r & 1);
+        if (col < 2 * G) W[col * D + channel(i, r >= 2 ? 1 : 0)] = acc[i][j][r];
+      }
+  if (lane == 0) {
+#pragma unroll
+    for (int h = 0; h < G; ++h) {
+      wmax[warp * G + h] = run_max[h];
+      wsum[warp * G + h] = run_sum[h];
+    }
+  }
+}
+
+// Part 2, after a __syncthreads: the block merges its warps (warp w's accumulators at warps + w *
+// warp_bytes) and writes the output or its split's partials, times out_factor (FP8's value scale).
+template <int D, int G>
+__device__ void merge_warps(const Params& p, const unsigned char* warps, int warp_bytes,
+                            const float* wmax, const float* wsum, float out_factor, bool valid,
+                            int b, int kv_head, int split) {
+  for (int i = threadIdx.x; i < G * D; i += kWarpsPerBlock * 32) {
+    const int h = i / D, d = i % D;
+    float block_max = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarpsPerBlock; ++w) block_max = fmaxf(block_max, wmax[w * G + h]);
+    // Every maximum -inf: the sums and accumulators are 0, or NaN (NaN scores), which must stay.
+    float sum = 0.0f, total = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarpsPerBlock; ++w) {
+      const float weight = block_max == -INFINITY ? 1.0f : exp2f(wmax[w * G + h] - block_max);
+      const auto* Ww = reinterpret_cast<const float*>(warps + w * warp_bytes);
+      sum = fmaf(wsum[w * G + h], weight, sum);
+      total = fmaf(Ww[h * D + d] + Ww[(G + h) * D + d] * (1.0f / 2048.0f), weight, total);
+    }
+    write_result<D>(p, valid, total * out_factor, sum, block_max, b, kv_head * G + h, split, d);
+  }
+}
+
+}  // namespace mma_parts
+
+// ---- KIVI on tensor cores ----------------------------------------------------------------------
+// One block of 4 warps per (split, KV head, sequence), each warp taking 32-token tiles as above,
+// but both products run as mma.sync.m16n8k16 (f16 operands, fp32 accumulation):
+//   q.K: A = the tile's key codes (16 tokens x 16 channels per mma), B = q' = q s per channel of
+//        the key block (n = the G query heads, twice: see below), plus A = the block's minimums
+//        (the same row for every token) against B = q, which adds sum_c q_c m_c to every score;
+//   p.V: A = value codes (16 channels x 16 tokens), B = p' = p s per token and channel group, plus
+//        A = the tokens' minimums against B = p, which adds sum_t p_t m_t to every channel.
+// Codes are exact in f16: two b-bit fields of two words (two channels of one token for keys, two
+// tokens of one channel for values: the packing runs along the other axis) are brought into one
+// register with one PRMT, masked under the exponent of 1024 (x = 1024 + f * 16^k, exactly) with
+// one LOP3, and one HFMA2 by 16^-k, -1024 16^-k leaves f. The k order of an mma only has to agree
+// between A and B, so each thread's k slots are chosen to match what it loads.
+// Accuracy: a B operand x (fp32 in the kernel above) is sent as two f16 columns, hi = f16(x) and
+// lo = f16(2^11 (x - hi)), so that x = hi + 2^-11 lo to about 2^-22 |x| (the lo column is scaled
+// up so that it stays clear of f16 subnormals); n = 2 G columns, heads h and G + h. Keys: q is
+// first scaled per head by a power of two 2^E with max|q 2^E| in [2^-6, 2^-5), and q' = q s is
+// formed in f16 arithmetic: hi = q_hi s (rounded), lo = 2^11 (q_hi s - hi) + lo(q) s, the first
+// term exact by an FMA; this holds while |q' 2^E| < 32, i.e. key scales below 1024 (larger ones
+// give NaN, key_scale_out_of_range). Values:
+// p s <= s is split in fp32. Tiles are staged in shared memory with cp.async, double buffered per
+// warp; the edges (residual rows, a tile crossing qv or the end) read global memory directly.
+namespace kivi_mma {
+
+using namespace mma_parts;
+
+template <int Bits, int D, int G>
+struct Layout {
+  static constexpr int kNT = (2 * G + 7) / 8;  // n-tiles of 8 columns: hi and lo of G heads
+  static constexpr int kCols = 8 * kNT;
+  static constexpr int kKS = D / 16;  // k-steps (keys) = m-tiles (values)
+  static constexpr int kVG = D / 32;  // most value groups per token (G >= 32)
+  // Stage: one 32-token tile.
+  static constexpr int kKeyBytes = D * Bits * 4;  // per channel Bits words of 32 / Bits tokens
+  static constexpr int kValRowWords = D * Bits / 32;
+  static constexpr int kValBytes = 32 * kValRowWords * 4;
+  static constexpr int kKScale = kKeyBytes;
+  static constexpr int kKMin = kKScale + 2 * D;
+  static constexpr int kVal = kKMin + 2 * D;
+  static constexpr int kVScale = kVal + kValBytes;
+  static constexpr int kVMin = kVScale + 64 * kVG;
+  static constexpr int kStageBytes = kVMin + 64 * kVG;
+  // Per warp after its two stages.
+  static constexpr int kBv = 2 * kStageBytes;              // [kVG][kCols][32] f16
+  static constexpr int kBp = kBv + kVG * kCols * 64;       // [kCols][32] f16
+  static constexpr int kMv = kBp + kCols * 64;             // [kVG][32] f16
+  static constexpr int kS = kMv + kVG * 64;                // [32][kCols + 1] f32
+  static constexpr int kCorr = kS + 32 * (kCols + 1) * 4;  // [kCols] f32
+  static constexpr int kWarpUsed = (kCorr + kCols * 4 + 15) / 16 * 16;
+  static constexpr int kAccBytes = 2 * G * D * 4;  // the end: the warp's [2 G][D] accumulators
+  static constexpr int kWarpBytes = kWarpUsed > kAccBytes ? kWarpUsed : kAccBytes;
+  // Block part: q fragments, q, per-head factors, warp maxima and sums.
+  static constexpr int kQf = 0;                           // [kNT][kKS][32] uint4
+  static constexpr int kQl = kQf + kNT * kKS * 32 * 16;   // [kNT][kKS][32] uint2
+  static constexpr int kQRaw = kQl + kNT * kKS * 32 * 8;  // [G][D] f32
+  static constexpr int kQScale = kQRaw + G * D * 4;       // [G] 2^E
+  static constexpr int kQUnscale = kQScale + 32;          // [G] 2^-E log2(e) scale
+  static constexpr int kWMax = kQUnscale + 32;            // [4][G]
+  static constexpr int kWSum = kWMax + 4 * G * 4;
+  static constexpr int kBlockBytes = (kWSum + 4 * G * 4 + 127) / 128 * 128;
+  static constexpr int kSmemBytes = kBlockBytes + kWarpsPerBlock * kWarpBytes;
+};
+
+// Per-thread constants of the field decode: the PRMT selector that brings byte g/2 of word x into
+// byte 0 and of word y into byte 2, and for each of the two rows the mask and the HFMA2 factors.
+struct Decoder {
+  std::uint32_t sel, mask0, mask1;
+  __half2 mul0, add0, mul1, add1;
+  __device__ inline std::uint32_t row0(std::uint32_t x) const {
+    return h2u(__hfma2(u2h((x & mask0) | 0x64006400u), mul0, add0));
+  }
+  __device__ inline std::uint32_t row1(std::uint32_t x) const {
+    return h2u(__hfma2(u2h((x & mask1) | 0x64006400u), mul1, add1));
+  }
+  __device__ inline std::uint32_t pair(std::uint32_t x, std::uint32_t y) const {
+    return __byte_perm(x, y, sel);
+  }
+};
+
+template <int Bits>
+__device__ inline Decoder make_decoder(int g) {
+  Decoder d;
+  d.sel = static_cast<std::uint32_t>((g >> 1) | ((4 + (g >> 1)) << 8));
+  const int shift = 4 * (g & 1);
+  const float m = (g & 1) ? 1.0f / 16.0f : 1.0f;
+  if constexpr (Bits == 2) {
+    // Nibble g holds fields 2g (bits 0-1, row g) and 2g + 1 (bits 2-3, row g + 8).
+    d.mask0 = 0x00030003u << shift;
+    d.mask1 = 0x000C000Cu << shift;
+    d.mul0 = __float2half2_rn(m);
+    d.add0 = __float2half2_rn(-1024.0f * m);
+    d.mul1 = __float2half2_rn(m / 4.0f);
+    d.add1 = __float2half2_rn(-1024.0f * m / 4.0f);
+  } else {
+    d.mask0 = d.mask1 = 0x000F000Fu << shift;
+    d.mul0 = d.mul1 = __float2half2_rn(m);
+    d.add0 = d.add1 = __float2half2_rn(-1024.0f * m);
+  }
+  return d;
+}
+
+// q' = q s for one k pair: hi columns (k = 0, QH = 0, QL = q_hi) give f16(q_hi s); lo columns
+// (k = 2^11, QH = 2^11 q_hi, QL = lo(q)) give 2^11 (q_hi s - hi) + lo(q) s.
+__device__ inline std::uint32_t q_prime(std::uint32_t qh, std::uint32_t QH, std::uint32_t QL,
+                                        std::uint32_t s, __half2 k) {
+  const __half2 hs = u2h(s);
+  const __half2 hi = __hmul2_rn(u2h(qh), hs);
+  const __half2 hk = __hmul2_rn(hi, k);
+  const __half2 e = __hfma2(u2h(QH), hs, __hneg2(hk));
+  return h2u(__hfma2(u2h(QL), hs, e));
+}
+
+// Key scales at or above 1024 (a 2-bit key group spanning more than ~3000, a 4-bit one more than
+// ~15000) are outside q_prime's exact range (its 2^11 hi product would overflow f16): such a
+// block turns its B operand into NaN, so the (sequence, KV head) gets NaN outputs, loudly, instead
+// of silently wrong scores.
+__device__ inline bool key_scale_out_of_range(uint2 scales) {
+  const auto big = [](std::uint32_t pair) {
+    return (pair & 0x7fffu) >= 0x6400u || ((pair >> 16) & 0x7fffu) >= 0x6400u;
+  };
+  return big(scales.x) || big(scales.y);
+}
+constexpr std::uint32_t kNanPair = 0x7e007e00u;
+
+template <int Bits, int D, int G>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, G >= 8 ? 2 : 4) kivi_mma_kernel(Params p) {
+  using L = Layout<Bits, D, G>;
+  constexpr int kNT = L::kNT, kCols = L::kCols, kKS = L::kKS;
+  constexpr int kRW = L::kValRowWords;
+  extern __shared__ __align__(16) unsigned char smem[];
+  auto* qf = reinterpret_cast<uint4*>(smem + L::kQf);
+  auto* ql = reinterpret_cast<uint2*>(smem + L::kQl);
+  auto* q_raw = reinterpret_cast<float*>(smem + L::kQRaw);
+  auto* q_scale = reinterpret_cast<float*>(smem + L::kQScale);
+  auto* q_unscale = reinterpret_cast<float*>(smem + L::kQUnscale);
+  auto* wmax = reinterpret_cast<float*>(smem + L::kWMax);
+  auto* wsum = reinterpret_cast<float*>(smem + L::kWSum);
+
+  const int split = blockIdx.x, kv_head = blockIdx.y, b = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane >> 2, t = lane & 3;
+  unsigned char* wbase = smem + L::kBlockBytes + warp * L::kWarpBytes;
+  auto* Bv = reinterpret_cast<__half*>(wbase + L::kBv);
+  auto* Bp = reinterpret_cast<__half*>(wbase + L::kBp);
+  auto* Mv = reinterpret_cast<__half*>(wbase + L::kMv);
+  auto* S = reinterpret_cast<float*>(wbase + L::kS);
+  auto* corr_s = reinterpret_cast<float*>(wbase + L::kCorr);
+
+  const int n = p.lengths.at(b, kv_head);
+  const int qk = p.quantized_keys.at(b, kv_head);
+  const int qv = p.quantized_values.at(b, kv_head);
+  const bool valid =
+      n >= 0 && n <= p.max_length && qk >= 0 && qk <= n && qv >= 0 && qv <= n && qk % p.group == 0;
+  const int begin = split * p.chunk;
+  const int end = valid ? min(n, begin + p.chunk) : begin;
+  const int vq_end = min(qv, end);
+  const int value_groups = D / p.group;
+
+  const unsigned char* k_codes = p.k.codes.at(b, kv_head);
+  const unsigned char* k_scale = p.k.scale.at(b, kv_head);
+  const unsigned char* k_min = p.k.minimum.at(b, kv_head);
+  const auto* k_res = reinterpret_cast<const __half*>(p.k.residual.at(b, kv_head));
+  const unsigned char* v_codes = p.v.codes.at(b, kv_head);
+  const unsigned char* v_scale = p.v.scale.at(b, kv_head);
+  const unsigned char* v_min = p.v.minimum.at(b, kv_head);
+  const auto* v_res = reinterpret_cast<const __half*>(p.v.residual.at(b, kv_head));
+
+  // q, its per-head power-of-two scale, and the B fragments of q (hi, 2^11 hi, lo per column).
+  load_q_scaled<D, G>(p, b, kv_head, -5, p.scale_log2, q_raw, q_scale, q_unscale);
+  build_q_fragments<D, G>(q_raw, q_scale, qf, ql,
+                          [](int s, int t, int i) { return 16 * s + 4 * t + i; });
+  // The warp's B tiles start at zero: padding columns (>= 2 G) stay zero.
+  for (int i = lane; i < (L::kS - L::kBv) / 4; i += 32)
+    reinterpret_cast<std::uint32_t*>(wbase + L::kBv)[i] = 0u;
+  if (lane < kCols) corr_s[lane] = 1.0f;
+  __syncthreads();
+
+  const Decoder dec = make_decoder<Bits>(g);
+  // Rows g and g + 8 of an m-tile: tokens (keys) or channels (values) 2g, 2g + 1 (2-bit: one
+  // nibble) or g, g + 8 (4-bit: one field of each of two words).
+  const int rho0 = Bits == 2 ? 2 * g : g, rho1 = Bits == 2 ? 2 * g + 1 : g + 8;
+  __half2 kfac[kNT];
+#pragma unroll
+  for (int j = 0; j < kNT; ++j) {
+    const int col = 8 * j + g;
+    kfac[j] = __float2half2_rn(col >= G && col < 2 * G ? 2048.0f : 0.0f);
+  }
+  // This lane's token in the k order of the p.V mma: slots 2t, 2t + 1, 2t + 8, 2t + 9 of k-step
+  // ks hold tokens 16 ks + t + {0, 4, 8, 12}, and the B / A tiles store those four slots side by
+  // side (at 16 ks + 4 t), so that a thread's b0, b1 are one 8-byte load.
+  const int pos = [&] {
+    const int u = lane & 15;
+    return 16 * (lane >> 4) + 4 * (u & 3) + 2 * (u >> 3) + ((u >> 2) & 1);
+  }();
+
+  float acc[kKS][kNT][4];
+#pragma unroll
+  for (int i = 0; i < kKS; ++i)
+#pragma unroll
+    for (int j = 0; j < kNT; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+  float run_max[G], run_sum[G];
+#pragma unroll
+  for (int h = 0; h < G; ++h) run_max[h] = -INFINITY, run_sum[h] = 0.0f;
+
+  auto stage_ptr = [&](int st) { return wbase + st * L::kStageBytes; };
+  auto issue = [&](int t0, unsigned char* st) {
+    if (t0 < qk) {
+      const int blk = t0 / p.group, row_words = p.group * Bits / 32;
+      const auto* src = reinterpret_cast<const std::uint32_t*>(k_codes) +
+                        static_cast<std::int64_t>(blk) * D * row_words + (t0 % p.group) * Bits / 32;
+      for (int c = lane; c < D; c += 32) {
+        if constexpr (Bits == 2)
+          cp_async8(st + c * 8, src + c * row_words);
+        else
+          cp_async16(st + c * 16, src + c * row_words);
+      }
+      const unsigned char* ks = k_scale + static_cast<std::int64_t>(blk) * D * 2;
+      const unsigned char* km = k_min + static_cast<std::int64_t>(blk) * D * 2;
+      for (int i = lane; i < D / 8; i += 32) {
+        cp_async16(st + L::kKScale + 16 * i, ks + 16 * i);
+        cp_async16(st + L::kKMin + 16 * i, km + 16 * i);
+      }
+    }
+    if (t0 + 32 <= vq_end) {
+      const unsigned char* src = v_codes + static_cast<std::int64_t>(t0) * kRW * 4;
+      for (int i = lane; i < L::kValBytes / 16; i += 32)
+        cp_async16(st + L::kVal + 16 * i, src + 16 * i);
+      const std::int64_t off = static_cast<std::int64_t>(t0) * value_groups * 2;
+      for (int i = lane; i < 4 * value_groups; i += 32) {
+        cp_async16(st + L::kVScale + 16 * i, v_scale + off + 16 * i);
+        cp_async16(st + L::kVMin + 16 * i, v_min + off + 16 * i);
+      }
+    }
+  };
+
+  int stage = 0;
+  int t0 = begin + warp * 32;
+  if (t0 < end) issue(t0, stage_ptr(0));
+  cp_async_commit();
+  for (; t0 < end; t0 += kWarpsPerBlock * 32) {
+    if (t0 + kWarpsPerBlock * 32 < end) issue(t0 + kWarpsPerBlock * 32, stage_ptr(stage ^ 1));
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncwarp();
+    const unsigned char* st = stage_ptr(stage);
+
+    // ---- scores of the 32 tokens: two m-tiles of 16 tokens
+    float sc[2][kNT][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int j = 0; j < kNT; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) sc[mt][j][r] = 0.0f;
+    const bool key_quantized = t0 < qk;
+    if (key_quantized) {
+      // sum_c q_c m_c: the same for every token, one accumulator for both m-tiles.
+      float kbias[kNT][4];
+#pragma unroll
+      for (int j = 0; j < kNT; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) kbias[j][r] = 0.0f;
+      const auto* kw = reinterpret_cast<const std::uint32_t*>(st);
+      const auto* ksc = reinterpret_cast<const std::uint32_t*>(st + L::kKScale);
+      const auto* kmn = reinterpret_cast<const std::uint32_t*>(st + L::kKMin);
+#pragma unroll
+      for (int s = 0; s < kKS; ++s) {
+        const int c0 = 16 * s + 4 * t;  // this thread's channels c0 .. c0 + 3
+        const uint2 s2 = *reinterpret_cast<const uint2*>(ksc + c0 / 2);
+        const uint2 m2 = *reinterpret_cast<const uint2*>(kmn + c0 / 2);
+        std::uint32_t bq[kNT][2], bl[kNT][2];
+        const bool out_of_range = key_scale_out_of_range(s2);
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) {
+          const uint4 f = qf[(j * kKS + s) * 32 + lane];
+          const uint2 l = ql[(j * kKS + s) * 32 + lane];
+          bq[j][0] = out_of_range ? kNanPair : q_prime(f.x, f.z, l.x, s2.x, kfac[j]);
+          bq[j][1] = out_of_range ? kNanPair : q_prime(f.y, f.w, l.y, s2.y, kfac[j]);
+          bl[j][0] = l.x;
+          bl[j][1] = l.y;
+        }
+        std::uint32_t a[2][4];
+        if constexpr (Bits == 2) {
+          // [channel][2 words]: word m-tile mt of channels c0 .. c0 + 3.
+          const uint4 w01 = *reinterpret_cast<const uint4*>(kw + c0 * 2);
+          const uint4 w23 = *reinterpret_cast<const uint4*>(kw + c0 * 2 + 4);
+          const std::uint32_t x01[2] = {dec.pair(w01.x, w01.z), dec.pair(w01.y, w01.w)};
+          const std::uint32_t x23[2] = {dec.pair(w23.x, w23.z), dec.pair(w23.y, w23.w)};
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            a[mt][0] = dec.row0(x01[mt]);
+            a[mt][1] = dec.row1(x01[mt]);
+            a[mt][2] = dec.row0(x23[mt]);
+            a[mt][3] = dec.row1(x23[mt]);
+          }
+        } else {
+          // [channel][4 words]: words 2 mt (tokens 0-7) and 2 mt + 1 (8-15) of m-tile mt.
+          const uint4 w0 = *reinterpret_cast<const uint4*>(kw + c0 * 4);
+          const uint4 w1 = *reinterpret_cast<const uint4*>(kw + c0 * 4 + 4);
+          const uint4 w2 = *reinterpret_cast<const uint4*>(kw + c0 * 4 + 8);
+          const uint4 w3 = *reinterpret_cast<const uint4*>(kw + c0 * 4 + 12);
+          a[0][0] = dec.row0(dec.pair(w0.x, w1.x));
+          a[0][1] = dec.row0(dec.pair(w0.y, w1.y));
+          a[0][2] = dec.row0(dec.pair(w2.x, w3.x));
+          a[0][3] = dec.row0(dec.pair(w2.y, w3.y));
+          a[1][0] = dec.row0(dec.pair(w0.z, w1.z));
+          a[1][1] = dec.row0(dec.pair(w0.w, w1.w));
+          a[1][2] = dec.row0(dec.pair(w2.z, w3.z));
+          a[1][3] = dec.row0(dec.pair(w2.w, w3.w));
+        }
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) {
+          mma16816(kbias[j], m2.x, m2.x, m2.y, m2.y, bl[j][0], bl[j][1]);
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt)
+            mma16816(sc[mt][j], a[mt][0], a[mt][1], a[mt][2], a[mt][3], bq[j][0], bq[j][1]);
+        }
+      }
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int j = 0; j < kNT; ++j)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) sc[mt][j][r] += kbias[j][r];
+    } else {
+      // f16 residual rows (tokens >= qk), rows g and g + 8 of each m-tile; none past the end.
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        const int r0 = t0 + 16 * mt + g, r1 = r0 + 8;
+        const __half* row0 = k_res + static_cast<std::int64_t>(r0 - qk) * D;
+        const __half* row1 = k_res + static_cast<std::int64_t>(r1 - qk) * D;
+#pragma unroll
+        for (int s = 0; s < kKS; ++s) {
+          const int c0 = 16 * s + 4 * t;
+          const uint2 v0 = r0 < end ? *reinterpret_cast<const uint2*>(row0 + c0) : make_uint2(0, 0);
+          const uint2 v1 = r1 < end ? *reinterpret_cast<const uint2*>(row1 + c0) : make_uint2(0, 0);
+#pragma unroll
+          for (int j = 0; j < kNT; ++j) {
+            const uint2 l = ql[(j * kKS + s) * 32 + lane];
+            mma16816(sc[mt][j], v0.x, v1.x, v0.y, v1.y, l.x, l.y);
+          }
+        }
+      }
+    }
+    {
+      const int tr0 = key_quantized ? rho0 : g, tr1 = key_quantized ? rho1 : g + 8;
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) {
+          float* s0 = S + (16 * mt + tr0) * (kCols + 1) + 8 * j + 2 * t;
+          float* s1 = S + (16 * mt + tr1) * (kCols + 1) + 8 * j + 2 * t;
+          s0[0] = sc[mt][j][0], s0[1] = sc[mt][j][1];
+          s1[0] = sc[mt][j][2], s1[1] = sc[mt][j][3];
+        }
+    }
+    __syncwarp();
+
+    // ---- online softmax: lane = token t0 + lane
+    const int tok = t0 + lane;
+    float prob[G];
+    const bool rescale =
+        softmax_tile<G, kCols>(S, q_unscale, tok < end, run_max, run_sum, prob, corr_s);
+    // p' = p s (hi, lo) per value group, p (hi, lo), minimums, into the B / A tiles.
+    const bool values_fast = t0 + 32 <= vq_end;
+    for (int vg = 0; vg < value_groups; ++vg) {
+      float s = 0.0f, m = 0.0f;
+      if (values_fast) {
+        s = __half2float(
+            reinterpret_cast<const __half*>(st + L::kVScale)[lane * value_groups + vg]);
+        m = __half2float(reinterpret_cast<const __half*>(st + L::kVMin)[lane * value_groups + vg]);
+      } else if (tok < qv) {
+        const std::int64_t at = static_cast<std::int64_t>(tok) * value_groups + vg;
+        s = __half2float(reinterpret_cast<const __half*>(v_scale)[at]);
+        m = __half2float(reinterpret_cast<const __half*>(v_min)[at]);
+      } else if (tok < end) {
+        s = 1.0f;
+      }
+#pragma unroll
+      for (int h = 0; h < G; ++h)
+        put_hi_lo(&Bv[(vg * kCols + h) * 32 + pos], &Bv[(vg * kCols + G + h) * 32 + pos],
+                  prob[h] * s);
+      Mv[vg * 32 + pos] = __float2half_rn(m);
+    }
+#pragma unroll
+    for (int h = 0; h < G; ++h) put_hi_lo(&Bp[h * 32 + pos], &Bp[(G + h) * 32 + pos], prob[h]);
+    __syncwarp();
+    if (rescale) {
+      rescale_acc(acc, corr_s, t);
+    }
+
+    // ---- p.V: per k-step of 16 tokens, m-tiles of 16 channels
+#pragma unroll
+    for (int ks = 0; ks < 2; ++ks) {
+      const int kb = 16 * ks + 4 * t;
+      uint2 bp[kNT];
+#pragma unroll
+      for (int j = 0; j < kNT; ++j)
+        bp[j] = *reinterpret_cast<const uint2*>(Bp + (8 * j + g) * 32 + kb);
+      // The m-tile's value group: m-tiles of 16 channels never straddle a group (G % 32 == 0).
+      auto mma_tile = [&](int i, std::uint32_t a0, std::uint32_t a1, std::uint32_t a2,
+                          std::uint32_t a3) {
+        const int vg = (16 * i) / p.group;
+        const uint2 am = *reinterpret_cast<const uint2*>(Mv + vg * 32 + kb);
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) {
+          const uint2 bv = *reinterpret_cast<const uint2*>(Bv + (vg * kCols + 8 * j + g) * 32 + kb);
+          mma16816(acc[i][j], a0, a1, a2, a3, bv.x, bv.y);
+          mma16816(acc[i][j], am.x, am.x, am.y, am.y, bp[j].x, bp[j].y);
+        }
+      };
+      if (values_fast) {
+        const auto* vw = reinterpret_cast<const std::uint32_t*>(st + L::kVal);
+        const std::uint32_t* rows[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) rows[e] = vw + (16 * ks + t + 4 * e) * kRW;
+#pragma unroll
+        for (int c4 = 0; c4 < kRW / 4; ++c4) {
+          uint4 r[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) r[e] = *reinterpret_cast<const uint4*>(rows[e] + 4 * c4);
+          const std::uint32_t w[4][4] = {{r[0].x, r[0].y, r[0].z, r[0].w},
+                                         {r[1].x, r[1].y, r[1].z, r[1].w},
+                                         {r[2].x, r[2].y, r[2].z, r[2].w},
+                                         {r[3].x, r[3].y, r[3].z, r[3].w}};
+          if constexpr (Bits == 2) {
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {  // word q of the chunk = m-tile 4 c4 + q
+              const std::uint32_t x01 = dec.pair(w[0][q], w[1][q]);
+              const std::uint32_t x23 = dec.pair(w[2][q], w[3][q]);
+              mma_tile(4 * c4 + q, dec.row0(x01), dec.row1(x01), dec.row0(x23), dec.row1(x23));
+            }
+          } else {
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {  // words 2q, 2q + 1 = m-tile 2 c4 + q
+              mma_tile(2 * c4 + q, dec.row0(dec.pair(w[0][2 * q], w[1][2 * q])),
+                       dec.row0(dec.pair(w[0][2 * q + 1], w[1][2 * q + 1])),
+                       dec.row0(dec.pair(w[2][2 * q], w[3][2 * q])),
+                       dec.row0(dec.pair(w[2][2 * q + 1], w[3][2 * q + 1])));
+            }
+          }
+        }
+      } else {
+        // Edge tile: each element from the codes (t < qv), the f16 residual (t < end) or 0.
+        constexpr int kPerWord = 32 / Bits;
+        constexpr std::uint32_t kMask = (1u << Bits) - 1u;
+        const auto* vw = reinterpret_cast<const std::uint32_t*>(v_codes);
+        auto element = [&](int tk, int ch) -> __half {
+          if (tk < qv) {
+            const std::uint32_t word =
+                __ldg(vw + static_cast<std::int64_t>(tk) * kRW + ch / kPerWord);
+            return __uint2half_rn((word >> (Bits * (ch % kPerWord))) & kMask);
+          }
+          if (tk < end) return v_res[static_cast<std::int64_t>(tk - qv) * D + ch];
+          return __float2half_rn(0.0f);
+        };
+        const int tk0 = t0 + 16 * ks + t;
+#pragma unroll
+        for (int i = 0; i < kKS; ++i) {
+          const int ch0 = 16 * i + rho0, ch1 = 16 * i + rho1;
+          mma_tile(i, pack_halves(element(tk0, ch0), element(tk0 + 4, ch0)),
+                   pack_halves(element(tk0, ch1), element(tk0 + 4, ch1)),
+                   pack_halves(element(tk0 + 8, ch0), element(tk0 + 12, ch0)),
+                   pack_halves(element(tk0 + 8, ch1), element(tk0 + 12, ch1)));
+        }
+      }
+    }
+    __syncwarp();
+    stage ^= 1;
+  }
+  cp_async_wait<0>();
+  __syncwarp();
+
+  // ---- the warp's accumulators [2 G][D] into its (now free) shared memory, then the block merge
+#pragma unroll
+  for (int h = 0; h < G; ++h) run_sum[h] = warp_sum(run_sum[h]);
+  auto* W = reinterpret_cast<float*>(wbase);
+#pragma unroll
+  for (int i = 0; i < kKS; ++i)
+#pragma unroll
+    for (int j = 0; j < kNT; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int col = 8 * j + 2 * t + (r & 1);
+        const int ch = 16 * i + (r < 2 ? rho0 : rho1);
+        if (col < 2 * G) W[col * D + ch] = acc[i][j][r];
+      }
+  if (lane == 0) {
+#pragma unroll
+    for (int h = 0; h < G; ++h) {
+      wmax[warp * G + h] = run_max[h];
+      wsum[warp * G + h] = run_sum[h];
+    }
+  }
+  // (store_warp's work, kept inline here: as a call it costs this kernel a 12-byte spill at its
+  // 128-register cap, ptxas 13.0)
+  __syncthreads();
+  merge_warps<D, G>(p, smem + L::kBlockBytes, L::kWarpBytes, wmax, wsum, 1.0f, valid, b, kv_head,
+                    split);
+}
+
+}  // namespace kivi_mma
+
+// ---- Per-token INT8 / INT4 and FP8 on tensor cores ---------------------------------------------
+// The frame of kivi_mma (4 warps of 32-token tiles, cp.async double buffering per warp, the same
+// softmax, hi / lo B operands and merge) for formats whose parameters are per token (INT: scale
+// [and minimum] per token and channel group; FP8: one scale per (sequence, KV head) and tensor):
+//   q.K: A = the tile's raw codes (16 tokens x 16 channels), B = q; the accumulator of a channel
+//        group is scaled per token row after the group's last k-step and the asymmetric minimum
+//        enters in fp32: score_t = sum_g s_tg (q . code_t)_g + m_tg sum_{c in g} q_c (FP8: the
+//        key scale joins the softmax factor, the value scale the output);
+//   p.V: A = value codes (16 channels x 16 tokens), B = p'_t = p_t s_tg per channel group; the
+//        asymmetric minimums as one more mma, A = 1 against B = p_t m_tg.
+// Tiles are staged as token rows (D b / 8 bytes, 16-byte chunks XOR-swizzled per row so that
+// ldmatrix hits distinct banks) and read with ldmatrix for keys (a word = 4 / 8 channels of one
+// token) and ldmatrix.trans for values (a word = the same channels of two tokens). Codes become
+// exact f16 without conversions: INT8 bytes 0, 2 and 1, 3 of a word with one LOP3 each under the
+// exponent of 1024 (the symmetric sign flip folded into the same LOP3) and one HADD2; INT4
+// nibbles i and i + 4 likewise (odd nibbles sit 16x higher, taken out by an HFMA2); FP8 pairs with
+// one cvt.rn.f16x2.e4m3x2 / e5m2x2 each after a PRMT. The k order inside an mma and the channel
+// order of the m-tile rows are chosen to match these pairs (key_channel, value_channel).
+// Accuracy: q (bf16 or f16) times a power of two 2^E with max|q 2^E| in [2^7, 2^8) is exact in
+// f16 down to 2^-22 max|q| (the lo column catches what falls below f16's normal range); p' is an
+// fp32 product sent as hi + 2^-11 lo; every mma accumulates in fp32 and scales apply in fp32, so
+// the arithmetic matches the CUDA-core kernel's to fp32 rounding. Channel groups must be a
+// multiple of 16 (INT8) or 32 (INT4: one ldmatrix row spans 32 channels) and every staged part
+// 16-byte aligned; other INT caches take the CUDA-core kernel.
+namespace token_mma {
+
+using namespace mma_parts;
+
+template <class F, int D>
+struct Shape {
+  static constexpr int kRow = D * F::kBits / 8;  // bytes per token row
+  static constexpr int kChunks = kRow / 16;      // 16-byte chunks per row: 2, 4 or 8
+  static constexpr int kTileBytes = 32 * kRow;
+};
+
+constexpr int kBPitch = 40;  // halves per B column of 32 tokens: 8-byte reads hit each bank twice
+constexpr std::uint32_t kOnes = 0x3c003c00u;  // f16 (1, 1)
+
+// Byte offsets; the parameter parts depend on the call (channel groups, f16 / f32, minimums).
+struct Layout {
+  int params = 0;   // one parameter array of a tile: 32 tokens x groups x (2 or 4) bytes
+  int stage = 0;    // key rows, value rows, key scale, value scale [, key min, value min]
+  int b_tiles = 0;  // per warp after its two stages: Bv [groups][kCols][kBPitch] f16 [, Bm the
+                    // same]; the tile scores S [32][kCols + 1] f32 share the space
+  int corr = 0;     // [kCols] f32
+  int warp = 0;     // bytes per warp
+  int q_scale = 0, q_unscale = 0, wmax = 0, wsum = 0, qsum = 0;  // block part (ql at 0)
+  int block = 0, total = 0;
+};
+
+template <class F, int D, int G>
+__host__ __device__ inline Layout make_layout(int groups, int param_bytes, bool asymmetric) {
+  constexpr int kNT = (2 * G + 7) / 8, kCols = 8 * kNT;
+  Layout l;
+  l.params = F::kFp8 ? 0 : 32 * groups * param_bytes;
+  l.stage = 2 * Shape<F, D>::kTileBytes + (asymmetric ? 4 : 2) * l.params;
+  l.b_tiles = 2 * l.stage;
+  const int b_bytes = groups * kCols * kBPitch * 2 * (asymmetric ? 2 : 1);
+  const int s_bytes = 32 * (kCols + 1) * 4;
+  l.corr = l.b_tiles + ((b_bytes > s_bytes ? b_bytes : s_bytes) + 15) / 16 * 16;
+  const int used = l.corr + kCols * 4, acc = 2 * G * D * 4;
+  l.warp = ((used > acc ? used : acc) + 15) / 16 * 16;
+  l.q_scale = kNT * (D / 16) * 32 * 8;
+  l.q_unscale = l.q_scale + 4 * G;
+  l.wmax = l.q_unscale + 4 * G;
+  l.wsum = l.wmax + 4 * kWarpsPerBlock * G;
+  l.qsum = l.wsum + 4 * kWarpsPerBlock * G;
+  l.block = (l.qsum + 4 * groups * kCols + 127) / 128 * 128;
+  l.total = l.block + kWarpsPerBlock * l.warp;
+  return l;
+}
+
+// Byte offset of chunk c of row r in a staged tile [32][kRow].
+template <int kChunks>
+__device__ inline int swizzled(int r, int c) {
+  return r * kChunks * 16 + 16 * (c ^ ((r / (8 / kChunks)) % kChunks));
+}
+
+// Channel of k slot i (2t, 2t + 1, 2t + 8, 2t + 9) of key k-step s, and of row g (half 0) or
+// g + 8 (half 1) of value m-tile i: what decode8 / decode4 hand each thread.
+template <class F>
+__device__ inline int key_channel(int s, int t, int i) {
+  if constexpr (F::kBits == 8) return 16 * s + 4 * t + ((i & 1) << 1 | (i >> 1));
+  return 32 * (s >> 1) + 8 * t + 2 * (s & 1) + ((i & 1) << 2 | (i >> 1));
+}
+template <class F>
+__device__ inline int value_channel(int i, int half, int g) {
+  if constexpr (F::kBits == 8) return 16 * i + 2 * g + half;
+  return 32 * (i >> 1) + 4 * g + 2 * (i & 1) + half;
+}
+
+// Bytes 0, 2 (x) and 1, 3 (y) of a word as f16 pairs of the codes.
+template <class F>
+__device__ inline uint2 decode8(std::uint32_t w, std::uint32_t magic, __half2 bias) {
+  if constexpr (F::kFp8) {
+    const std::uint32_t x = __byte_perm(w, 0, 0x3120);
+    std::uint32_t lo, hi;
+    if constexpr (F::kKind == 0)
+      asm("{.reg .b16 l, h;\n mov.b32 {l, h}, %2;\n cvt.rn.f16x2.e4m3x2 %0, l;\n"
+          " cvt.rn.f16x2.e4m3x2 %1, h;\n}"
+          : "=r"(lo), "=r"(hi)
+          : "r"(x));
+    else
+      asm("{.reg .b16 l, h;\n mov.b32 {l, h}, %2;\n cvt.rn.f16x2.e5m2x2 %0, l;\n"
+          " cvt.rn.f16x2.e5m2x2 %1, h;\n}"
+          : "=r"(lo), "=r"(hi)
+          : "r"(x));
+    return make_uint2(lo, hi);
+  } else {
+    // 1024 + u under the exponent (symmetric: the sign bit flipped, u = code + 128), minus bias.
+    const std::uint32_t a = (w & 0x00ff00ffu) ^ magic, c = ((w >> 8) & 0x00ff00ffu) ^ magic;
+    return make_uint2(h2u(__hadd2(u2h(a), bias)), h2u(__hadd2(u2h(c), bias)));
+  }
+}
+
+// Nibbles i (low half) and i + 4 (high half) of a word for i = 0 .. 3 (x, y, z, w) as f16 pairs.
+struct Int4Decode {
+  std::uint32_t magic_even, magic_odd;
+  __half2 bias_even, scale_odd, bias_odd;
+  __device__ inline uint4 operator()(std::uint32_t w) const {
+    const std::uint32_t v = w >> 8;
+    return make_uint4(h2u(__hadd2(u2h((w & 0x000f000fu) ^ magic_even), bias_even)),
+                      h2u(__hfma2(u2h((w & 0x00f000f0u) ^ magic_odd), scale_odd, bias_odd)),
+                      h2u(__hadd2(u2h((v & 0x000f000fu) ^ magic_even), bias_even)),
+                      h2u(__hfma2(u2h((v & 0x00f000f0u) ^ magic_odd), scale_odd, bias_odd)));
+  }
+};
+
+// One code or window element as f16 bits: token tok, channel ch (0 beyond the split's end).
+template <class F, int D>
+__device__ inline std::uint32_t element(const unsigned char* codes, const __half* window, int m,
+                                        int end, bool symmetric, int tok, int ch) {
+  if (tok >= end) return 0u;
+  if (tok < m) {
+    const unsigned char* row = codes + static_cast<std::int64_t>(tok) * Shape<F, D>::kRow;
+    if constexpr (F::kFp8) {
+      return __nv_cvt_fp8_to_halfraw(row[ch], F::kKind == 0 ? __NV_E4M3 : __NV_E5M2).x;
+    } else {
+      int v;
+      if constexpr (F::kBits == 8) {
+        v = row[ch];
+        if (symmetric) v = static_cast<signed char>(v);
+      } else {
+        v = (row[ch >> 1] >> (4 * (ch & 1))) & 15;
+        if (symmetric) v = (v ^ 8) - 8;
+      }
+      return __half_as_ushort(__int2half_rn(v));
+    }
+  }
+  return __half_as_ushort(window[static_cast<std::int64_t>(tok - m) * D + ch]);
+}
+
+template <class F, int D, int G>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, G >= 8 ? 2 : 3) token_mma_kernel(Params p) {
+  using Sh = Shape<F, D>;
+  constexpr int kNT = (2 * G + 7) / 8, kCols = 8 * kNT, kKS = D / 16;
+  constexpr int kRow = Sh::kRow, kChunks = Sh::kChunks, kTileBytes = Sh::kTileBytes;
+  constexpr bool kScaled = !F::kFp8;
+  extern __shared__ __align__(16) unsigned char smem[];
+
+  const int group = kScaled ? p.group : D;
+  const int lg = 31 - __clz(group / 16);  // groups are 16 2^lg channels: k-steps / m-tiles >> lg
+  const int groups = D / group;
+  const int pb = p.k.params_f32 ? 4 : 2;
+  const bool asym = kScaled && !p.symmetric;
+  const Layout l = make_layout<F, D, G>(groups, pb, asym);
+  auto* ql = reinterpret_cast<uint2*>(smem);
+  auto* q_scale = reinterpret_cast<float*>(smem + l.q_scale);
+  auto* q_unscale = reinterpret_cast<float*>(smem + l.q_unscale);
+  auto* wmax = reinterpret_cast<float*>(smem + l.wmax);
+  auto* wsum = reinterpret_cast<float*>(smem + l.wsum);
+  auto* qsum = reinterpret_cast<float*>(smem + l.qsum);  // [groups][kCols]: sum of q per group
+
+  const int split = blockIdx.x, kv_head = blockIdx.y, b = blockIdx.z;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane >> 2, t = lane & 3;
+  unsigned char* wbase = smem + l.block + warp * l.warp;
+  auto* Bv = reinterpret_cast<__half*>(wbase + l.b_tiles);
+  __half* Bm = Bv + groups * kCols * kBPitch;
+  auto* S = reinterpret_cast<float*>(wbase + l.b_tiles);  // shares the space of Bv
+  auto* corr_s = reinterpret_cast<float*>(wbase + l.corr);
+
+  const int n = p.lengths.at(b, kv_head);
+  const int m = kScaled ? p.quantized_keys.at(b, kv_head) : n;
+  const bool valid = n >= 0 && n <= p.max_length && m >= 0 && m <= n;
+  const int begin = split * p.chunk;
+  const int end = valid ? min(n, begin + p.chunk) : begin;
+  const int qend = min(m, end);
+
+  const unsigned char* k_codes = p.k.codes.at(b, kv_head);
+  const unsigned char* v_codes = p.v.codes.at(b, kv_head);
+  const unsigned char* k_scale = p.k.scale.at(b, kv_head);
+  const unsigned char* v_scale = p.v.scale.at(b, kv_head);
+  const unsigned char* k_min = p.k.minimum.at(b, kv_head);
+  const unsigned char* v_min = p.v.minimum.at(b, kv_head);
+  const auto* k_win = reinterpret_cast<const __half*>(p.k.residual.at(b, kv_head));
+  const auto* v_win = reinterpret_cast<const __half*>(p.v.residual.at(b, kv_head));
+  float q_factor = p.scale_log2, out_factor = 1.0f;
+  if constexpr (F::kFp8) {
+    q_factor *= __ldg(reinterpret_cast<const float*>(k_scale));
+    out_factor = __ldg(reinterpret_cast<const float*>(v_scale));
+  }
+
+  // q (its fp32 copy in warp 0's space until the stages start), scales, B fragments, group sums.
+  auto* q_raw = reinterpret_cast<float*>(smem + l.block);
+  load_q_scaled<D, G>(p, b, kv_head, 8, q_factor, q_raw, q_scale, q_unscale);
+  build_q_fragments<D, G>(q_raw, q_scale, nullptr, ql,
+                          [](int s, int tt, int i) { return key_channel<F>(s, tt, i); });
+  if (asym) {
+    for (int i = threadIdx.x; i < groups * kCols; i += kWarpsPerBlock * 32) {
+      const int gi = i / kCols, col = i % kCols;
+      float sum = 0.0f;
+      if (col < G)
+        for (int c = gi * group; c < (gi + 1) * group; ++c) sum += q_raw[col * D + c];
+      qsum[i] = col < G ? sum * q_scale[col] : 0.0f;
+    }
+  }
+  __syncthreads();
+  if (lane < kCols) corr_s[lane] = 1.0f;
+
+  // Parameters of tile row r, group gi: staged (fast tiles), else from global memory (quantized
+  // rows), 1 and 0 (window rows) or 0 (past the end).
+  const auto load_param = [&](const unsigned char* base, std::int64_t index) {
+    return pb == 4 ? reinterpret_cast<const float*>(base)[index]
+                   : __half2float(reinterpret_cast<const __half*>(base)[index]);
+  };
+  const int ks_off = 2 * kTileBytes, vs_off = ks_off + l.params, km_off = vs_off + l.params,
+            vm_off = km_off + l.params;
+  const auto row_params = [&](bool fast, const unsigned char* st, int staged_scale, int staged_min,
+                              const unsigned char* scale, const unsigned char* minimum, int tok,
+                              int r, int gi, float& s, float& mn) {
+    s = 0.0f, mn = 0.0f;
+    if (fast) {
+      s = load_param(st + staged_scale, r * groups + gi);
+      if (asym) mn = load_param(st + staged_min, r * groups + gi);
+    } else if (tok < qend) {
+      const std::int64_t at = static_cast<std::int64_t>(tok) * groups + gi;
+      s = load_param(scale, at);
+      if (asym) mn = load_param(minimum, at);
+    } else if (tok < end) {
+      s = 1.0f;
+    }
+  };
+
+  const std::uint32_t magic8 = p.symmetric ? 0x64806480u : 0x64006400u;
+  const __half2 bias8 = __float2half2_rn(p.symmetric ? -1152.0f : -1024.0f);
+  const Int4Decode decode4{
+      p.symmetric ? 0x64086408u : 0x64006400u, p.symmetric ? 0x64806480u : 0x64006400u,
+      __float2half2_rn(p.symmetric ? -1032.0f : -1024.0f), __float2half2_rn(1.0f / 16.0f),
+      __float2half2_rn(p.symmetric ? -72.0f : -64.0f)};
+  // The lane's token in the k order of the p.V mma (natural: slot k = token k), stored so that
+  // slots 2t, 2t + 1, 2t + 8, 2t + 9 of a k-step sit side by side: b0, b1 are one 8-byte load.
+  const int pos = 16 * (lane >> 4) + 4 * ((lane & 7) >> 1) + 2 * ((lane >> 3) & 1) + (lane & 1);
+
+  float acc[kKS][kNT][4];
+#pragma unroll
+  for (int i = 0; i < kKS; ++i)
+#pragma unroll
+    for (int j = 0; j < kNT; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
+  float run_max[G], run_sum[G];
+#pragma unroll
+  for (int h = 0; h < G; ++h) run_max[h] = -INFINITY, run_sum[h] = 0.0f;
+
+  auto stage_ptr = [&](int st) { return wbase + st * l.stage; };
+  auto issue = [&](int t0, unsigned char* st) {
+    if (t0 + 32 > qend) return;  // edge tiles read global memory directly
+    const unsigned char* ksrc = k_codes + static_cast<std::int64_t>(t0) * kRow;
+    const unsigned char* vsrc = v_codes + static_cast<std::int64_t>(t0) * kRow;
+#pragma unroll
+    for (int i = lane; i < 32 * kChunks; i += 32) {
+      const int r = i / kChunks, c = i % kChunks, off = swizzled<kChunks>(r, c);
+      cp_async16(st + off, ksrc + r * kRow + 16 * c);
+      cp_async16(st + kTileBytes + off, vsrc + r * kRow + 16 * c);
+    }
+    if constexpr (kScaled) {
+      const std::int64_t at = static_cast<std::int64_t>(t0) * groups * pb;
+      for (int i = lane; i < l.params / 16; i += 32) {
+        cp_async16(st + ks_off + 16 * i, k_scale + at + 16 * i);
+        cp_async16(st + vs_off + 16 * i, v_scale + at + 16 * i);
+        if (asym) {
+          cp_async16(st + km_off + 16 * i, k_min + at + 16 * i);
+          cp_async16(st + vm_off + 16 * i, v_min + at + 16 * i);
+        }
+      }
+    }
+  };
+
+  int stage = 0;
+  int t0 = begin + warp * 32;
+  if (t0 < end) issue(t0, stage_ptr(0));
+  cp_async_commit();
+  for (; t0 < end; t0 += kWarpsPerBlock * 32) {
+    if (t0 + kWarpsPerBlock * 32 < end) issue(t0 + kWarpsPerBlock * 32, stage_ptr(stage ^ 1));
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncwarp();
+    const unsigned char* st = stage_ptr(stage);
+    const bool fast = t0 + 32 <= qend;
+
+    // ---- scores of the 32 tokens: two m-tiles of 16 tokens, per channel group then scaled
+    float sc[2][kNT][4], part[2][kNT][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int j = 0; j < kNT; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) sc[mt][j][r] = part[mt][j][r] = 0.0f;
+    auto key_step = [&](int s, const std::uint32_t(&a)[2][4]) {
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+        const uint2 bq = ql[(j * kKS + s) * 32 + lane];
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+          mma16816(kScaled ? part[mt][j] : sc[mt][j], a[mt][0], a[mt][1], a[mt][2], a[mt][3], bq.x,
+                   bq.y);
+      }
+      if constexpr (kScaled) {
+        if (((s + 1) & ((1 << lg) - 1)) != 0) return;  // the group goes on
+        const int gi = s >> lg;
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          float s0, m0, s1, m1;
+          const int r0 = 16 * mt + g;
+          row_params(fast, st, ks_off, km_off, k_scale, k_min, t0 + r0, r0, gi, s0, m0);
+          row_params(fast, st, ks_off, km_off, k_scale, k_min, t0 + r0 + 8, r0 + 8, gi, s1, m1);
+#pragma unroll
+          for (int j = 0; j < kNT; ++j) {
+            const float qs0 = asym ? qsum[gi * kCols + 8 * j + 2 * t] : 0.0f;
+            const float qs1 = asym ? qsum[gi * kCols + 8 * j + 2 * t + 1] : 0.0f;
+            sc[mt][j][0] += fmaf(part[mt][j][0], s0, m0 * qs0);
+            sc[mt][j][1] += fmaf(part[mt][j][1], s0, m0 * qs1);
+            sc[mt][j][2] += fmaf(part[mt][j][2], s1, m1 * qs0);
+            sc[mt][j][3] += fmaf(part[mt][j][3], s1, m1 * qs1);
+#pragma unroll
+            for (int r = 0; r < 4; ++r) part[mt][j][r] = 0.0f;
+          }
+        }
+      }
+    };
+    if (fast) {
+#pragma unroll
+      for (int x = 0; x < kChunks; x += 2) {
+        // Matrices: rows 0-7 / 8-15 of m-tile mt, chunks x and x + 1.
+        std::uint32_t w[2][4];
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+          ldmatrix_x4(w[mt], st + swizzled<kChunks>(16 * mt + 8 * ((lane >> 3) & 1) + (lane & 7),
+                                                    x + (lane >> 4)));
+#pragma unroll
+        for (int cc = 0; cc < 2; ++cc) {
+          if constexpr (F::kBits == 8) {
+            std::uint32_t a[2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) {
+              const uint2 r0 = decode8<F>(w[mt][2 * cc], magic8, bias8);
+              const uint2 r1 = decode8<F>(w[mt][2 * cc + 1], magic8, bias8);
+              a[mt][0] = r0.x, a[mt][1] = r1.x, a[mt][2] = r0.y, a[mt][3] = r1.y;
+            }
+            key_step(x + cc, a);
+          } else {
+            std::uint32_t a0[2][4], a1[2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) {
+              const uint4 r0 = decode4(w[mt][2 * cc]), r1 = decode4(w[mt][2 * cc + 1]);
+              a0[mt][0] = r0.x, a0[mt][1] = r1.x, a0[mt][2] = r0.y, a0[mt][3] = r1.y;
+              a1[mt][0] = r0.z, a1[mt][1] = r1.z, a1[mt][2] = r0.w, a1[mt][3] = r1.w;
+            }
+            key_step(2 * (x + cc), a0);
+            key_step(2 * (x + cc) + 1, a1);
+          }
+        }
+      }
+    } else {
+      const auto el = [&](int tok, int ch) {
+        return element<F, D>(k_codes, k_win, m, end, p.symmetric, tok, ch);
+      };
+#pragma unroll
+      for (int s = 0; s < kKS; ++s) {
+        int ch[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) ch[i] = key_channel<F>(s, t, i);
+        std::uint32_t a[2][4];
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          const int r0 = t0 + 16 * mt + g, r1 = r0 + 8;
+          a[mt][0] = el(r0, ch[0]) | el(r0, ch[1]) << 16;
+          a[mt][1] = el(r1, ch[0]) | el(r1, ch[1]) << 16;
+          a[mt][2] = el(r0, ch[2]) | el(r0, ch[3]) << 16;
+          a[mt][3] = el(r1, ch[2]) | el(r1, ch[3]) << 16;
+        }
+        key_step(s, a);
+      }
+    }
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+        float* s0 = S + (16 * mt + g) * (kCols + 1) + 8 * j + 2 * t;
+        float* s1 = s0 + 8 * (kCols + 1);
+        s0[0] = sc[mt][j][0], s0[1] = sc[mt][j][1];
+        s1[0] = sc[mt][j][2], s1[1] = sc[mt][j][3];
+      }
+    __syncwarp();
+
+    // ---- online softmax (lane = token t0 + lane), then p' = p s (hi, lo) per value group and,
+    // asymmetric, p m (hi, lo) into the B tiles (over S: every lane has read its scores first)
+    float prob[G];
+    const bool rescale =
+        softmax_tile<G, kCols>(S, q_unscale, t0 + lane < end, run_max, run_sum, prob, corr_s);
+    __syncwarp();
+    for (int vg = 0; vg < groups; ++vg) {
+      float s = 1.0f, mn = 0.0f;
+      if constexpr (kScaled)
+        row_params(fast, st, vs_off, vm_off, v_scale, v_min, t0 + lane, lane, vg, s, mn);
+#pragma unroll
+      for (int h = 0; h < G; ++h) {
+        const int at = (vg * kCols + h) * kBPitch + pos, lo = G * kBPitch;
+        put_hi_lo(&Bv[at], &Bv[at + lo], prob[h] * s);
+        if (asym) put_hi_lo(&Bm[at], &Bm[at + lo], prob[h] * mn);
+      }
+    }
+    __syncwarp();
+    if (rescale) {
+      rescale_acc(acc, corr_s, t);
+    }
+
+    // ---- p.V: per k-step of 16 tokens, m-tiles of 16 channels
+#pragma unroll
+    for (int ks = 0; ks < 2; ++ks) {
+      const int kb = 16 * ks + 4 * t;
+      auto value_tile = [&](int i, std::uint32_t a0, std::uint32_t a1, std::uint32_t a2,
+                            std::uint32_t a3) {
+        const int vg = i >> lg;
+#pragma unroll
+        for (int j = 0; j < kNT; ++j) {
+          const int at = (vg * kCols + 8 * j + g) * kBPitch + kb;
+          const uint2 bv = *reinterpret_cast<const uint2*>(Bv + at);
+          mma16816(acc[i][j], a0, a1, a2, a3, bv.x, bv.y);
+          if (asym) {
+            const uint2 bm = *reinterpret_cast<const uint2*>(Bm + at);
+            mma16816(acc[i][j], kOnes, kOnes, kOnes, kOnes, bm.x, bm.y);
+          }
+        }
+      };
+      if (fast) {
+#pragma unroll
+        for (int x = 0; x < kChunks; x += 2) {
+          // Matrices: tokens 16 ks + 0-7 / 8-15, chunks x and x + 1, transposed.
+          std::uint32_t w[4];
+          ldmatrix_x4_trans(w, st + kTileBytes +
+                                   swizzled<kChunks>(16 * ks + 8 * ((lane >> 3) & 1) + (lane & 7),
+                                                     x + (lane >> 4)));
+#pragma unroll
+          for (int cc = 0; cc < 2; ++cc) {
+            if constexpr (F::kBits == 8) {
+              const uint2 r0 = decode8<F>(w[2 * cc], magic8, bias8);
+              const uint2 r1 = decode8<F>(w[2 * cc + 1], magic8, bias8);
+              value_tile(x + cc, r0.x, r0.y, r1.x, r1.y);
+            } else {
+              const uint4 r0 = decode4(w[2 * cc]), r1 = decode4(w[2 * cc + 1]);
+              value_tile(2 * (x + cc), r0.x, r0.y, r1.x, r1.y);
+              value_tile(2 * (x + cc) + 1, r0.z, r0.w, r1.z, r1.w);
+            }
+          }
+        }
+      } else {
+        const auto el = [&](int tok, int ch) {
+          return element<F, D>(v_codes, v_win, m, end, p.symmetric, tok, ch);
+        };
+        const int tk = t0 + 16 * ks + 2 * t;
+#pragma unroll
+        for (int i = 0; i < kKS; ++i) {
+          const int c0 = value_channel<F>(i, 0, g), c1 = value_channel<F>(i, 1, g);
+          value_tile(i, el(tk, c0) | el(tk + 1, c0) << 16, el(tk, c1) | el(tk + 1, c1) << 16,
+                     el(tk + 8, c0) | el(tk + 9, c0) << 16, el(tk + 8, c1) | el(tk + 9, c1) << 16);
+        }
+      }
+    }
+    __syncwarp();
+    stage ^= 1;
+  }
+  cp_async_wait<0>();
+  __syncwarp();
+
+  store_warp<D, G>(acc, run_max, run_sum, reinterpret_cast<float*>(wbase), wmax, wsum,
+                   [=](int i, int half) { return value_channel<F>(i, half, g); });
+  __syncthreads();
+  merge_warps<D, G>(p, smem + l.block, l.warp, wmax, wsum, out_factor, valid, b, kv_head, split);
+}
+
+}  // namespace token_mma
 
 // About 8 blocks per SM (the kernel holds many registers, so fewer are resident than for the
 // dense kernel); chunks of whole 128-token block steps (4 warps x 32 tokens).
@@ -688,6 +1915,70 @@ void launch(const Params& p, const Common& c, Cuda stream) {
   });
 }
 
+// True when a part's base and strides keep 16-byte accesses aligned (the cp.async staging of the
+// tensor-core KIVI kernel); otherwise the CUDA-core kernel above takes the call.
+bool aligned16(const Part& part) {
+  return reinterpret_cast<std::uintptr_t>(part.data) % 16 == 0 && part.batch % 16 == 0 &&
+         part.head % 16 == 0;
+}
+
+// A tensor-core kernel, the dynamic shared memory of this call, and the most any call asks of it.
+struct MmaKernel {
+  void (*kernel)(Params) = nullptr;
+  int bytes = 0, most = 0;
+};
+
+// Launches pick(head_dim, group) -> MmaKernel over the dispatch of D and Hq / Hkv, then the merge.
+template <class Pick>
+void launch_mma(const Params& p, const Common& c, Cuda stream, Pick pick) {
+  if (c.batch == 0) return;
+  cudaStream_t native = stream.stream;
+  const dim3 grid(p.splits, static_cast<unsigned>(c.kv_heads), static_cast<unsigned>(c.batch));
+  const std::string head_dim_name = std::string(c.op) + ": head_dim";
+  const std::string group_name = std::string(c.op) + ": Hq / Hkv";
+  dispatch<HeadDims>(static_cast<int>(c.d), head_dim_name.c_str(), [&](auto head_dim) {
+    constexpr int kD = decltype(head_dim)::value;
+    dispatch<GroupSizes>(static_cast<int>(c.q_heads / c.kv_heads), group_name.c_str(),
+                         [&](auto group) {
+                           const MmaKernel k = pick(head_dim, group);
+                           static const bool configured = [&] {
+                             KVC_CUDA_CHECK(cudaFuncSetAttribute(
+                                 k.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, k.most));
+                             return true;
+                           }();
+                           (void)configured;
+                           k.kernel<<<grid, mma_parts::kWarpsPerBlock * 32, k.bytes, native>>>(p);
+                           KVC_CUDA_CHECK_LAUNCH(native);
+                         });
+    if (p.splits > 1) {
+      quantized_merge_kernel<kD><<<static_cast<unsigned>(c.batch * c.q_heads), kD, 0, native>>>(p);
+      KVC_CUDA_CHECK_LAUNCH(native);
+    }
+  });
+}
+
+template <int Bits>
+void launch_kivi_mma(const Params& p, const Common& c, Cuda stream) {
+  launch_mma(p, c, stream, [](auto head_dim, auto group) {
+    constexpr int kD = decltype(head_dim)::value, kG = decltype(group)::value;
+    constexpr int kBytes = kivi_mma::Layout<Bits, kD, kG>::kSmemBytes;
+    return MmaKernel{&kivi_mma::kivi_mma_kernel<Bits, kD, kG>, kBytes, kBytes};
+  });
+}
+
+template <class F>
+void launch_token_mma(const Params& p, const Common& c, Cuda stream) {
+  launch_mma(p, c, stream, [&](auto head_dim, auto group) {
+    constexpr int kD = decltype(head_dim)::value, kG = decltype(group)::value;
+    const int groups = F::kFp8 ? 1 : kD / p.group;
+    const token_mma::Layout now =
+        token_mma::make_layout<F, kD, kG>(groups, p.k.params_f32 ? 4 : 2, !F::kFp8 && !p.symmetric);
+    // The largest layout: groups of 16 channels, f32 parameters, minimums.
+    const token_mma::Layout most = token_mma::make_layout<F, kD, kG>(kD / 16, 4, true);
+    return MmaKernel{&token_mma::token_mma_kernel<F, kD, kG>, now.total, most.total};
+  });
+}
+
 template <class Storage>
 void run_kivi(Cuda stream, DeviceView<const Storage, 3> q,
               const KiviCache<MemorySpace::Device>& cache, DeviceView<Storage, 3> out,
@@ -726,7 +2017,13 @@ void run_kivi(Cuda stream, DeviceView<const Storage, 3> q,
   p.quantized_values = counts(cache.quantized_values);
   p.group = cache.group;
   p.symmetric = false;
-  if (cache.bits == 2)
+  const bool staged = aligned16(p.k.codes) && aligned16(p.k.scale) && aligned16(p.k.minimum) &&
+                      aligned16(p.v.codes) && aligned16(p.v.scale) && aligned16(p.v.minimum);
+  if (staged && cache.bits == 2)
+    launch_kivi_mma<2>(p, c, stream);
+  else if (staged)
+    launch_kivi_mma<4>(p, c, stream);
+  else if (cache.bits == 2)
     launch<KiviKeys<2>, IntRows<2>>(p, c, stream);
   else
     launch<KiviKeys<4>, IntRows<4>>(p, c, stream);
@@ -771,7 +2068,17 @@ void run_int(Cuda stream, DeviceView<const Storage, 3> q,
   p.quantized_keys = p.quantized_values = counts(cache.quantized);
   p.group = static_cast<int>(group);
   p.symmetric = cache.symmetric;
-  if (cache.bits == 8)
+  // Tensor cores when every staged part is 16-byte aligned and an mma's channels share one group
+  // (INT4: an ldmatrix row spans 32 channels); otherwise the CUDA-core kernel.
+  const bool staged = aligned16(p.k.codes) && aligned16(p.v.codes) && aligned16(p.k.scale) &&
+                      aligned16(p.v.scale) &&
+                      (cache.symmetric || (aligned16(p.k.minimum) && aligned16(p.v.minimum))) &&
+                      group % (cache.bits == 8 ? 16 : 32) == 0;
+  if (staged && cache.bits == 8)
+    launch_token_mma<IntRows<8>>(p, c, stream);
+  else if (staged)
+    launch_token_mma<IntRows<4>>(p, c, stream);
+  else if (cache.bits == 8)
     launch<IntRows<8>, IntRows<8>>(p, c, stream);
   else
     launch<IntRows<4>, IntRows<4>>(p, c, stream);
@@ -799,10 +2106,11 @@ void run_fp8(Cuda stream, DeviceView<const Storage, 3> q,
   check_part(kOp, "value_codes", p.v.codes, 16, true);
   p.lengths = counts(cache.lengths);
   p.group = static_cast<int>(c.d);
+  // Codes are 16-byte aligned (checked above): always the tensor-core kernel.
   if (cache.kind == Fp8Kind::e4m3)
-    launch<Fp8Rows<0>, Fp8Rows<0>>(p, c, stream);
+    launch_token_mma<Fp8Rows<0>>(p, c, stream);
   else
-    launch<Fp8Rows<1>, Fp8Rows<1>>(p, c, stream);
+    launch_token_mma<Fp8Rows<1>>(p, c, stream);
 }
 
 }  // namespace

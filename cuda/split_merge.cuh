@@ -80,7 +80,9 @@ __device__ float merge_split_partials(const float* workspace, int batch, int q_h
 #pragma unroll 8
   for (int s = 0; s < splits; ++s) total += acc[static_cast<std::int64_t>(s) * D] * weight[s];
   float o = total_weight > 0.0f ? total / total_weight : 0.0f;
-  if (isnan(acc[0])) o = NAN;  // invalid length, flagged by the split kernel
+  // A split flagged invalid (a length the device found inconsistent, a refused KIVI key block)
+  // wrote NaN accumulators: 0 * NaN keeps it in `total` whatever that split's weight.
+  if (isnan(total) || isnan(total_weight) || isnan(acc[0])) o = NAN;
   return o;
 }
 

@@ -262,10 +262,14 @@ void quantized_decode_attention(benchmark::State& state) {
 }
 
 void quantized_shapes(benchmark::internal::Benchmark* b) {
-  // format, batch, Hq, Hkv, D, context: the headline (8, 32, 8, 128, 32768), 4K and 128K.
+  // format, batch, Hq, Hkv, D, context: the headline (8, 32, 8, 128, 32768), 4K and 128K, then
+  // batch 1 and 32 at 32K.
   for (std::int64_t context : {32768, 4096, 131072})
     for (int format : {kKivi2, kKivi4, kInt8, kInt4, kFp8})
       b->Args({format, 8, 32, 8, 128, context});
+  for (std::int64_t batch : {1, 32})
+    for (int format : {kKivi2, kKivi4, kInt8, kInt4, kFp8})
+      b->Args({format, batch, 32, 8, 128, 32768});
 }
 
 BENCHMARK(quantized_decode_attention)

@@ -217,7 +217,33 @@ std::vector<float> cpu_out(const Problem& pb) {
 
 // ---- KIVI
 // ----------------------------------------------------------------------------------------
-void check_kivi(const Problem& pb, const kvc::Kivi& kivi) {
+// The GPU outputs of a problem whose every (sequence, KV head) the kernel must refuse loudly:
+// every element NaN (the output is poisoned with zeros first, so the NaN is the kernel's).
+template <class Run>
+void require_all_nan(const Problem& pb, const Run& gpu_run) {
+  const std::int64_t b = pb.batch, hq = pb.q_heads, d = pb.d;
+  rt::DeviceBuffer q(pb.q.size() * sizeof(kvc::bf16));
+  rt::copy_host_to_device(q.data(), pb.q.data(), q.bytes(), kvc::Cuda{});
+  rt::DeviceBuffer out(static_cast<std::size_t>(b * hq * d) * sizeof(kvc::bf16));
+  rt::fill_bytes(out.data(), 0, out.bytes(), kvc::Cuda{});
+  const std::size_t ws = kvc::ops::quantized_decode_attention_workspace_floats(
+      pb.batch, pb.q_heads, pb.kv_heads, pb.d, pb.max_length());
+  rt::DeviceBuffer workspace(std::max<std::size_t>(ws, 1) * sizeof(float));
+  gpu_run(kvc::make_device_view(q.as<const kvc::bf16>(), {b, hq, d}),
+          kvc::make_device_view(out.as<kvc::bf16>(), {b, hq, d}),
+          kvc::make_device_view(workspace.as<float>(), {static_cast<std::int64_t>(ws)}));
+  std::vector<kvc::bf16> result(static_cast<std::size_t>(b * hq * d));
+  rt::copy_device_to_host(result.data(), out.data(), out.bytes(), kvc::Cuda{});
+  rt::synchronize(kvc::Cuda{});
+  int finite = 0;
+  for (const auto x : result) finite += std::isnan(static_cast<float>(x)) ? 0 : 1;
+  INFO(finite << " of " << result.size() << " outputs are not NaN");
+  REQUIRE(finite == 0);
+}
+
+// out_of_range: the keys' groups span more than the tensor-core kernel's exact range (key scale
+// >= 1024): every output must be NaN rather than a silently wrong value.
+void check_kivi(const Problem& pb, const kvc::Kivi& kivi, bool out_of_range = false) {
   const int B = pb.batch, H = pb.kv_heads, d = pb.d, G = kivi.group;
   const int per_word = 32 / kivi.key_bits;
   std::vector<kvc::Kivi::HeadStore> stores;
@@ -294,10 +320,14 @@ void check_kivi(const Problem& pb, const kvc::Kivi& kivi) {
   dev.quantized_keys = up.counts(qks, B, H);
   dev.quantized_values = up.counts(qvs, B, H);
   dev.max_length = pb.max_length();
-  compare(
-      pb, bounds, reference,
-      [&](auto q, auto out, auto ws) { kvc::ops::decode_attention(kvc::Cuda{}, q, dev, out, ws); },
-      kivi.key_bits == 2 ? "kivi-2" : "kivi-4");
+  const auto run = [&](auto q, auto out, auto ws) {
+    kvc::ops::decode_attention(kvc::Cuda{}, q, dev, out, ws);
+  };
+  if (out_of_range) {
+    require_all_nan(pb, run);
+    return;
+  }
+  compare(pb, bounds, reference, run, kivi.key_bits == 2 ? "kivi-2" : "kivi-4");
 }
 
 // ---- per-token INT8 / INT4
@@ -530,6 +560,28 @@ TEST_CASE("cuda quantized decode attention: KIVI on awkward shapes", "[cuda][qua
   }
 }
 
+TEST_CASE("cuda quantized decode attention: KIVI keys beyond the exact range give NaN",
+          "[cuda][quantized]") {
+  // Keys scaled up until their groups span thousands, so that key scales reach 1024 (2 bits, G 32:
+  // range / 3 with a range of about 4 sigma x 1500; 4 bits, G 128: range / 15, about 5 sigma x
+  // 4000) while every key stays inside f16; one such block makes its (sequence, KV head) NaN.
+  for (int bits : {2, 4}) {
+    Problem pb = random_problem(2, 8, 2, 128, {200, 300, 256, 130}, 0, 61 + bits);
+    for (auto& head : pb.heads)
+      for (auto& k : head.keys) k *= bits == 2 ? 1500.0f : 4000.0f;
+    const int group = bits == 2 ? 32 : 128;
+    const kvc::Kivi kivi{.key_bits = bits, .value_bits = bits, .group = group, .residual = group};
+    // The premise, on the CPU store: every head holds a key scale >= 1024.
+    for (const auto& in : pb.heads) {
+      const auto store = fill_store(kivi, in, pb.d);
+      const auto scales = store.key_tensor().channel_blocks().scales();
+      REQUIRE(!scales.empty());
+      REQUIRE(*std::max_element(scales.begin(), scales.end()) >= 1024.0f);
+    }
+    check_kivi(pb, kivi, /*out_of_range=*/true);
+  }
+}
+
 TEST_CASE("cuda quantized decode attention: per-token INT8 / INT4", "[cuda][quantized]") {
   for (int bits : {8, 4}) {
     const kvc::IntPerToken sym{.bits = bits};
@@ -560,6 +612,34 @@ TEST_CASE("cuda quantized decode attention: FP8 E4M3 / E5M2", "[cuda][quantized]
     check_fp8(random_problem(2, 32, 8, 128, std::vector<int>(16, 5003), 7, 121), fp8);
     check_fp8(random_problem(2, 8, 8, 64, std::vector<int>(16, 2100), 5, 131), fp8);
     check_fp8(random_problem(1, 16, 2, 64, {9000, 33}, 3, 141), fp8);
+  }
+}
+
+TEST_CASE("cuda quantized decode attention: INT / FP8 groups and GQA sizes with fallbacks",
+          "[cuda][quantized]") {
+  // INT8 with groups of 16 channels (a channel group per k-step on tensor cores), asymmetric f16
+  // parameters and a window, Hq / Hkv = 2; several splits and ragged heads.
+  check_int(random_problem(2, 4, 2, 128, {4500, 31, 97, 2048}, 9, 151),
+            kvc::IntPerToken{.bits = 8, .symmetric = false, .group = 16, .residual = 5});
+  check_int(random_problem(2, 4, 2, 64, {1500, 300, 33, 64}, 4, 152),
+            kvc::IntPerToken{.bits = 8, .group = 16, .scales = kvc::ops::ParamDType::f32});
+  // INT4 with groups of 16: the CUDA-core kernel (an INT4 ldmatrix row spans 32 channels).
+  check_int(random_problem(2, 4, 2, 64, {1500, 300, 33, 64}, 4, 153),
+            kvc::IntPerToken{.bits = 4, .symmetric = false, .group = 16});
+  // INT4 asymmetric f32 in groups of 32 with Hq / Hkv = 8 and D 64; INT8 symmetric, Hq / Hkv 2.
+  check_int(random_problem(1, 16, 2, 64, {3001, 129}, 6, 154),
+            kvc::IntPerToken{.bits = 4,
+                             .symmetric = false,
+                             .group = 32,
+                             .scales = kvc::ops::ParamDType::f32,
+                             .residual = 7});
+  check_int(random_problem(3, 4, 2, 128, {1, 0, 2049, 4097, 160, 161}, 30, 155),
+            kvc::IntPerToken{.bits = 8});
+  // FP8 with Hq / Hkv = 8 and 2, tile and split edges.
+  for (auto kind : {kvc::ops::Fp8Kind::e4m3, kvc::ops::Fp8Kind::e5m2}) {
+    check_fp8(random_problem(2, 16, 2, 128, {3001, 129, 128, 4097}, 20, 161),
+              kvc::Fp8{.kind = kind});
+    check_fp8(random_problem(2, 4, 2, 64, {31, 32, 33, 2500}, 5, 162), kvc::Fp8{.kind = kind});
   }
 }
 

@@ -119,7 +119,12 @@ void dequantize_head(Cpu, const Fp8Cache<MemorySpace::Host>& cache, std::int64_t
 // 128; Hq / Hkv in {1, 2, 4, 8}; q and out bf16 or f16 (the same dtype). Pointers 16-byte
 // aligned, every stride and row a multiple of 16 bytes (8 bytes for INT4 and 2-bit rows). Counts
 // that the device finds inconsistent (n outside [0, max_length], qk not a multiple of G or > n,
-// qv or m > n) make that sequence's outputs NaN.
+// qv or m > n) make that sequence's outputs NaN. Both products run on tensor cores (codes decoded
+// to exact f16, scales folded into f16 operands carried as hi + lo pairs: about fp32 accuracy)
+// when every part is 16-byte aligned: KIVI always, FP8 always, INT8/INT4 with channel groups of
+// at least 32 (INT4) or 16 (INT8); other INT caches take a CUDA-core kernel. On the KIVI path a
+// key scale >= 1024 (a 2-bit key group spanning more than ~3000) is outside the exact range and
+// makes that (sequence, KV head)'s outputs NaN, never a silently wrong value.
 std::size_t quantized_decode_attention_workspace_floats(int batch, int q_heads, int kv_heads,
                                                         int head_dim, int max_length);
 void decode_attention(Cuda, DeviceView<const bf16, 3> q,  // [B, Hq, D]
