@@ -77,6 +77,21 @@ void dequantize_token_rows(const std::uint32_t* codes, const void* scale, const 
     }
 }
 
+// decode_attention(Cpu) over any of the layouts: each (sequence, KV head) dequantized by
+// dequantize_head, then the exact attention over it.
+template <class Cache>
+void attend_dequantized(const char* op, HostView<const float, 3> q, const Cache& cache,
+                        HostView<float, 3> out, const AttentionOptions& options) {
+  check_shapes(op, q, out, cache.lengths, cache.max_length);
+  const std::int64_t kv_heads = cache.lengths.size(1), group = q.size(1) / kv_heads;
+  std::vector<float> keys, values;
+  for (std::int64_t b = 0; b < q.size(0); ++b)
+    for (std::int64_t h = 0; h < kv_heads; ++h) {
+      dequantize_head(Cpu{}, cache, q.size(2), b, h, keys, values);
+      attend_head(q, b, h, group, keys, values, cache.lengths(b, h), out, options);
+    }
+}
+
 }  // namespace
 
 void dequantize_head(Cpu, const KiviCache<MemorySpace::Host>& cache, std::int64_t head_dim,
@@ -129,14 +144,7 @@ void dequantize_head(Cpu, const KiviCache<MemorySpace::Host>& cache, std::int64_
 
 void decode_attention(Cpu, HostView<const float, 3> q, const KiviCache<MemorySpace::Host>& cache,
                       HostView<float, 3> out, const AttentionOptions& options) {
-  check_shapes("decode_attention(kivi, cpu)", q, out, cache.lengths, cache.max_length);
-  const std::int64_t kv_heads = cache.lengths.size(1), group = q.size(1) / kv_heads;
-  std::vector<float> keys, values;
-  for (std::int64_t b = 0; b < q.size(0); ++b)
-    for (std::int64_t h = 0; h < kv_heads; ++h) {
-      dequantize_head(Cpu{}, cache, q.size(2), b, h, keys, values);
-      attend_head(q, b, h, group, keys, values, cache.lengths(b, h), out, options);
-    }
+  attend_dequantized("decode_attention(kivi, cpu)", q, cache, out, options);
 }
 
 void dequantize_head(Cpu, const IntCache<MemorySpace::Host>& cache, std::int64_t head_dim,
@@ -174,14 +182,7 @@ void dequantize_head(Cpu, const IntCache<MemorySpace::Host>& cache, std::int64_t
 
 void decode_attention(Cpu, HostView<const float, 3> q, const IntCache<MemorySpace::Host>& cache,
                       HostView<float, 3> out, const AttentionOptions& options) {
-  check_shapes("decode_attention(int, cpu)", q, out, cache.lengths, cache.max_length);
-  const std::int64_t kv_heads = cache.lengths.size(1), group = q.size(1) / kv_heads;
-  std::vector<float> keys, values;
-  for (std::int64_t b = 0; b < q.size(0); ++b)
-    for (std::int64_t h = 0; h < kv_heads; ++h) {
-      dequantize_head(Cpu{}, cache, q.size(2), b, h, keys, values);
-      attend_head(q, b, h, group, keys, values, cache.lengths(b, h), out, options);
-    }
+  attend_dequantized("decode_attention(int, cpu)", q, cache, out, options);
 }
 
 void dequantize_head(Cpu, const Fp8Cache<MemorySpace::Host>& cache, std::int64_t head_dim,
@@ -203,14 +204,7 @@ void dequantize_head(Cpu, const Fp8Cache<MemorySpace::Host>& cache, std::int64_t
 
 void decode_attention(Cpu, HostView<const float, 3> q, const Fp8Cache<MemorySpace::Host>& cache,
                       HostView<float, 3> out, const AttentionOptions& options) {
-  check_shapes("decode_attention(fp8, cpu)", q, out, cache.lengths, cache.max_length);
-  const std::int64_t kv_heads = cache.lengths.size(1), group = q.size(1) / kv_heads;
-  std::vector<float> keys, values;
-  for (std::int64_t b = 0; b < q.size(0); ++b)
-    for (std::int64_t h = 0; h < kv_heads; ++h) {
-      dequantize_head(Cpu{}, cache, q.size(2), b, h, keys, values);
-      attend_head(q, b, h, group, keys, values, cache.lengths(b, h), out, options);
-    }
+  attend_dequantized("decode_attention(fp8, cpu)", q, cache, out, options);
 }
 
 }  // namespace kvc::ops
