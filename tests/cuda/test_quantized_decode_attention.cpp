@@ -93,6 +93,30 @@ std::vector<float> to_float(const std::vector<kvc::bf16>& x) {
   return out;
 }
 
+using GpuRun = std::function<void(kvc::DeviceView<const kvc::bf16, 3>,
+                                  kvc::DeviceView<kvc::bf16, 3>, kvc::DeviceView<float, 1>)>;
+
+// The problem's q on the device, the output and the workspace filled with `poison` bytes, the GPU
+// op run on them; returns the output [B, Hq, D].
+std::vector<kvc::bf16> run_gpu(const Problem& pb, const GpuRun& gpu_run, unsigned char poison) {
+  const std::int64_t b = pb.batch, hq = pb.q_heads, d = pb.d;
+  rt::DeviceBuffer q(pb.q.size() * sizeof(kvc::bf16));
+  rt::copy_host_to_device(q.data(), pb.q.data(), q.bytes(), kvc::Cuda{});
+  rt::DeviceBuffer out(static_cast<std::size_t>(b * hq * d) * sizeof(kvc::bf16));
+  rt::fill_bytes(out.data(), poison, out.bytes(), kvc::Cuda{});
+  const std::size_t ws = kvc::ops::quantized_decode_attention_workspace_floats(
+      pb.batch, pb.q_heads, pb.kv_heads, pb.d, pb.max_length());
+  rt::DeviceBuffer workspace(std::max<std::size_t>(ws, 1) * sizeof(float));
+  rt::fill_bytes(workspace.data(), poison, workspace.bytes(), kvc::Cuda{});
+  gpu_run(kvc::make_device_view(q.as<const kvc::bf16>(), {b, hq, d}),
+          kvc::make_device_view(out.as<kvc::bf16>(), {b, hq, d}),
+          kvc::make_device_view(workspace.as<float>(), {static_cast<std::int64_t>(ws)}));
+  std::vector<kvc::bf16> result(static_cast<std::size_t>(b * hq * d));
+  rt::copy_device_to_host(result.data(), out.data(), out.bytes(), kvc::Cuda{});
+  rt::synchronize(kvc::Cuda{});
+  return result;
+}
+
 // Runs a GPU op (given the poisoned output and a workspace) and compares every element with the
 // CPU reference. Tolerance, derived per (sequence, KV head) from the types: the output is rounded
 // to bf16 (u = 2^-8 relative); the kernels fold scale and minimum out of the dot products
@@ -102,28 +126,11 @@ std::vector<float> to_float(const std::vector<kvc::bf16>& x) {
 // rescaling and the reference's own rounding); a score error e moves the output by at most 2 e V,
 // V = max|v| + 2 max|m_v|, and the fp32 value sums add (n + 64) 2^-24 V, twice over for the two
 // levels of merging.
-void compare(
-    const Problem& pb, const std::vector<HeadBounds>& bounds,
-    const std::vector<float>& reference_out,
-    const std::function<void(kvc::DeviceView<const kvc::bf16, 3>, kvc::DeviceView<kvc::bf16, 3>,
-                             kvc::DeviceView<float, 1>)>& gpu_run,
-    const char* what) {
-  const std::int64_t b = pb.batch, hq = pb.q_heads, d = pb.d;
+void compare(const Problem& pb, const std::vector<HeadBounds>& bounds,
+             const std::vector<float>& reference_out, const GpuRun& gpu_run, const char* what) {
+  const std::int64_t hq = pb.q_heads, d = pb.d;
   const int group = pb.q_heads / pb.kv_heads;
-  rt::DeviceBuffer q(pb.q.size() * sizeof(kvc::bf16));
-  rt::copy_host_to_device(q.data(), pb.q.data(), q.bytes(), kvc::Cuda{});
-  rt::DeviceBuffer out(static_cast<std::size_t>(b * hq * d) * sizeof(kvc::bf16));
-  rt::fill_bytes(out.data(), 0xFF, out.bytes(), kvc::Cuda{});  // poison: NaN in bf16
-  const std::size_t ws = kvc::ops::quantized_decode_attention_workspace_floats(
-      pb.batch, pb.q_heads, pb.kv_heads, pb.d, pb.max_length());
-  rt::DeviceBuffer workspace(std::max<std::size_t>(ws, 1) * sizeof(float));
-  rt::fill_bytes(workspace.data(), 0xFF, workspace.bytes(), kvc::Cuda{});
-  gpu_run(kvc::make_device_view(q.as<const kvc::bf16>(), {b, hq, d}),
-          kvc::make_device_view(out.as<kvc::bf16>(), {b, hq, d}),
-          kvc::make_device_view(workspace.as<float>(), {static_cast<std::int64_t>(ws)}));
-  std::vector<kvc::bf16> result(static_cast<std::size_t>(b * hq * d));
-  rt::copy_device_to_host(result.data(), out.data(), out.bytes(), kvc::Cuda{});
-  rt::synchronize(kvc::Cuda{});
+  const std::vector<kvc::bf16> result = run_gpu(pb, gpu_run, 0xFF);  // poison: NaN in bf16
 
   const auto qf = to_float(pb.q);
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
@@ -219,22 +226,9 @@ std::vector<float> cpu_out(const Problem& pb) {
 // ----------------------------------------------------------------------------------------
 // The GPU outputs of a problem whose every (sequence, KV head) the kernel must refuse loudly:
 // every element NaN (the output is poisoned with zeros first, so the NaN is the kernel's).
-template <class Run>
-void require_all_nan(const Problem& pb, const Run& gpu_run) {
-  const std::int64_t b = pb.batch, hq = pb.q_heads, d = pb.d;
-  rt::DeviceBuffer q(pb.q.size() * sizeof(kvc::bf16));
-  rt::copy_host_to_device(q.data(), pb.q.data(), q.bytes(), kvc::Cuda{});
-  rt::DeviceBuffer out(static_cast<std::size_t>(b * hq * d) * sizeof(kvc::bf16));
-  rt::fill_bytes(out.data(), 0, out.bytes(), kvc::Cuda{});
-  const std::size_t ws = kvc::ops::quantized_decode_attention_workspace_floats(
-      pb.batch, pb.q_heads, pb.kv_heads, pb.d, pb.max_length());
-  rt::DeviceBuffer workspace(std::max<std::size_t>(ws, 1) * sizeof(float));
-  gpu_run(kvc::make_device_view(q.as<const kvc::bf16>(), {b, hq, d}),
-          kvc::make_device_view(out.as<kvc::bf16>(), {b, hq, d}),
-          kvc::make_device_view(workspace.as<float>(), {static_cast<std::int64_t>(ws)}));
-  std::vector<kvc::bf16> result(static_cast<std::size_t>(b * hq * d));
-  rt::copy_device_to_host(result.data(), out.data(), out.bytes(), kvc::Cuda{});
-  rt::synchronize(kvc::Cuda{});
+void require_all_nan(const Problem& pb, const GpuRun& gpu_run) {
+  // Zeros, not NaN, as the poison: a NaN that shows is the kernel's.
+  const std::vector<kvc::bf16> result = run_gpu(pb, gpu_run, 0);
   int finite = 0;
   for (const auto x : result) finite += std::isnan(static_cast<float>(x)) ? 0 : 1;
   INFO(finite << " of " << result.size() << " outputs are not NaN");
