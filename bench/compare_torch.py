@@ -220,6 +220,39 @@ def quantized_caches(lib, k, v, lengths, stream):
     return caches
 
 
+class Dense:
+    """Gaussian bf16 q [B, Hq, D] and K/V [B, Hkv, T, D] on the GPU, kvc's dense decode attention
+    over them through the C ABI (run_kvc, into out) and SDPA over the same tensors (run_sdpa)."""
+
+    def __init__(self, lib, batch, q_heads, kv_heads, head_dim, context):
+        torch.manual_seed(0)
+        dev = "cuda"
+        self.q = torch.randn(batch, q_heads, head_dim, device=dev, dtype=torch.bfloat16)
+        self.k = torch.randn(batch, kv_heads, context, head_dim, device=dev, dtype=torch.bfloat16)
+        self.v = torch.randn(batch, kv_heads, context, head_dim, device=dev, dtype=torch.bfloat16)
+        self.lengths = torch.full((batch,), context, device=dev, dtype=torch.int32)
+        self.out = torch.empty_like(self.q)
+        floats = ctypes.c_size_t()
+        check(lib, lib.kvc_decode_attention_workspace(batch, q_heads, kv_heads, head_dim, context,
+                                                      ctypes.byref(floats)))
+        self.workspace = torch.empty(max(floats.value, 1), device=dev, dtype=torch.float32)
+        q, k, v, out = self.q, self.k, self.v, self.out
+        self.args = DecodeArgs(q.data_ptr(), I64_3(*q.stride()), k.data_ptr(), I64_4(*k.stride()),
+                               v.data_ptr(), I64_4(*v.stride()), self.lengths.data_ptr(),
+                               out.data_ptr(), I64_3(*out.stride()), batch, q_heads, kv_heads,
+                               head_dim, context, 0.0, self.workspace.data_ptr(), floats.value)
+        self.stream = torch.cuda.current_stream().cuda_stream
+        self.lib = lib
+
+    def run_kvc(self):
+        check(self.lib, self.lib.kvc_decode_attention(KVC_DTYPE_BF16, ctypes.byref(self.args),
+                                                      self.stream))
+
+    def run_sdpa(self):
+        return F.scaled_dot_product_attention(self.q[:, :, None, :], self.k, self.v,
+                                              enable_gqa=True)
+
+
 # A broken kernel gives garbage; each format's own error on Gaussian K/V stays far below these
 # (relative to the dense output; measured values are printed next to them).
 SANITY = {"kivi-2": 0.8, "kivi-4": 0.3, "int8": 0.05, "fp8-e4m3": 0.15}
@@ -227,32 +260,17 @@ SANITY = {"kivi-2": 0.8, "kivi-4": 0.3, "int8": 0.05, "fp8-e4m3": 0.15}
 
 def compare_quantized(lib, batch, q_heads, kv_heads, head_dim, context):
     """Rows (format, kvc ms, dense kvc ms, sdpa ms, bytes ratio, rel. difference to dense)."""
-    torch.manual_seed(0)
-    dev = "cuda"
-    q = torch.randn(batch, q_heads, head_dim, device=dev, dtype=torch.bfloat16)
-    k = torch.randn(batch, kv_heads, context, head_dim, device=dev, dtype=torch.bfloat16)
-    v = torch.randn(batch, kv_heads, context, head_dim, device=dev, dtype=torch.bfloat16)
-    stream = torch.cuda.current_stream().cuda_stream
-    lengths = torch.full((batch, kv_heads), context, device=dev, dtype=torch.int32)
-    dense_lengths = torch.full((batch,), context, device=dev, dtype=torch.int32)
-    dense_out = torch.empty_like(q)
-    floats = ctypes.c_size_t()
-    check(lib, lib.kvc_decode_attention_workspace(batch, q_heads, kv_heads, head_dim, context,
-                                                  ctypes.byref(floats)))
-    dense_ws = torch.empty(max(floats.value, 1), device=dev, dtype=torch.float32)
-    dense_args = DecodeArgs(q.data_ptr(), I64_3(*q.stride()), k.data_ptr(), I64_4(*k.stride()),
-                            v.data_ptr(), I64_4(*v.stride()), dense_lengths.data_ptr(),
-                            dense_out.data_ptr(), I64_3(*dense_out.stride()), batch, q_heads,
-                            kv_heads, head_dim, context, 0.0, dense_ws.data_ptr(), floats.value)
-    run_dense = lambda: check(lib, lib.kvc_decode_attention(KVC_DTYPE_BF16, ctypes.byref(dense_args), stream))
-    run_sdpa = lambda: F.scaled_dot_product_attention(q[:, :, None, :], k, v, enable_gqa=True)
-    run_dense()
-    dense_ms = median_ms(run_dense)
-    sdpa_ms = median_ms(run_sdpa)
+    dense = Dense(lib, batch, q_heads, kv_heads, head_dim, context)
+    q, k, v, dense_out, stream = dense.q, dense.k, dense.v, dense.out, dense.stream
+    lengths = torch.full((batch, kv_heads), context, device="cuda", dtype=torch.int32)
+    dense.run_kvc()
+    dense_ms = median_ms(dense.run_kvc)
+    sdpa_ms = median_ms(dense.run_sdpa)
     dense_bytes = 2 * k.numel() * k.element_size()
+    floats = ctypes.c_size_t()
     check(lib, lib.kvc_quantized_decode_attention_workspace(batch, q_heads, kv_heads, head_dim,
                                                             context, ctypes.byref(floats)))
-    ws = torch.empty(max(floats.value, 1), device=dev, dtype=torch.float32)
+    ws = torch.empty(max(floats.value, 1), device="cuda", dtype=torch.float32)
     out = torch.empty_like(q)
     common = QuantizedCommon(q.data_ptr(), I64_3(*q.stride()), out.data_ptr(),
                              I64_3(*out.stride()), batch, q_heads, kv_heads, head_dim, context,
@@ -271,35 +289,10 @@ def compare_quantized(lib, batch, q_heads, kv_heads, head_dim, context):
 
 
 def compare(lib, batch, q_heads, kv_heads, head_dim, context):
-    torch.manual_seed(0)
-    dev = "cuda"
-    q = torch.randn(batch, q_heads, head_dim, device=dev, dtype=torch.bfloat16)
-    k = torch.randn(batch, kv_heads, context, head_dim, device=dev, dtype=torch.bfloat16)
-    v = torch.randn(batch, kv_heads, context, head_dim, device=dev, dtype=torch.bfloat16)
-    lengths = torch.full((batch,), context, device=dev, dtype=torch.int32)
-    out = torch.empty_like(q)
-    floats = ctypes.c_size_t()
-    check(lib, lib.kvc_decode_attention_workspace(batch, q_heads, kv_heads, head_dim, context,
-                                                  ctypes.byref(floats)))
-    workspace = torch.empty(max(floats.value, 1), device=dev, dtype=torch.float32)
-    args = DecodeArgs(
-        q.data_ptr(), (ctypes.c_int64 * 3)(*q.stride()),
-        k.data_ptr(), (ctypes.c_int64 * 4)(*k.stride()),
-        v.data_ptr(), (ctypes.c_int64 * 4)(*v.stride()),
-        lengths.data_ptr(),
-        out.data_ptr(), (ctypes.c_int64 * 3)(*out.stride()),
-        batch, q_heads, kv_heads, head_dim, context, 0.0,
-        workspace.data_ptr(), floats.value)
-    stream = torch.cuda.current_stream().cuda_stream
-
-    def run_kvc():
-        check(lib, lib.kvc_decode_attention(KVC_DTYPE_BF16, ctypes.byref(args), stream))
-
-    def run_sdpa():
-        return F.scaled_dot_product_attention(q[:, :, None, :], k, v, enable_gqa=True)
-
-    run_kvc()
-    reference = run_sdpa()[:, :, 0, :]
+    dense = Dense(lib, batch, q_heads, kv_heads, head_dim, context)
+    q, k, v, out = dense.q, dense.k, dense.v, dense.out
+    dense.run_kvc()
+    reference = dense.run_sdpa()[:, :, 0, :]
     # The exact result in fp64 for the first two sequences (fp64 SDPA expands K/V per query head).
     n = min(batch, 2)
     exact = F.scaled_dot_product_attention(q[:n, :, None, :].double(), k[:n].double(),
@@ -307,8 +300,8 @@ def compare(lib, batch, q_heads, kv_heads, head_dim, context):
     kvc_error = ((out[:n].double() - exact).norm() / exact.norm()).item()
     sdpa_error = ((reference[:n].double() - exact).norm() / exact.norm()).item()
     del exact
-    kvc_ms = median_ms(run_kvc)
-    sdpa_ms = median_ms(run_sdpa)
+    kvc_ms = median_ms(dense.run_kvc)
+    sdpa_ms = median_ms(dense.run_sdpa)
     return kvc_ms, sdpa_ms, kvc_error, sdpa_error
 
 

@@ -26,6 +26,7 @@
 #include "check.cuh"
 #include "kvc/core/dispatch.hpp"
 #include "kvc/ops/selection.hpp"
+#include "native_types.cuh"
 
 namespace kvc::ops {
 namespace {
@@ -34,17 +35,6 @@ constexpr int kThreads = 128;   // 4 warps
 constexpr int kTileKeys = 128;  // keys per block; each warp owns 32 of them in the MMA
 constexpr int kChunkRows = 32;  // window rows per MMA chunk (two 16-row fragments)
 constexpr std::size_t kAlign = 256;
-
-template <class T>
-struct NativeOf;
-template <>
-struct NativeOf<bf16> {
-  using type = __nv_bfloat16;
-};
-template <>
-struct NativeOf<f16> {
-  using type = __half;
-};
 
 std::size_t align_up(std::size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
 

@@ -21,13 +21,6 @@ struct CudaEvalConfig : DefaultConfig {
   using Quant = Q;
 };
 
-template <class E>
-constexpr bool kCudaEviction = std::is_same_v<E, NoEviction> || std::is_same_v<E, StreamingLlm> ||
-                               std::is_same_v<E, SnapKv> || std::is_same_v<E, H2o>;
-template <class Q>
-constexpr bool kCudaQuant = std::is_same_v<Q, NoQuant> || std::is_same_v<Q, Kivi> ||
-                            std::is_same_v<Q, IntPerToken> || std::is_same_v<Q, Fp8>;
-
 constexpr const char* kSupported =
     "the cuda backend supports eviction none, streamingllm, snapkv, h2o and quantization none, "
     "kivi, int8/int4, fp8, without merge, key projection or layer sharing";
@@ -54,13 +47,13 @@ PolicyResult evaluate_policy_cuda(const KvDump& dump, const std::string& spec,
   return std::visit(
       [&](const auto& eviction) -> PolicyResult {
         using E = std::decay_t<decltype(eviction)>;
-        if constexpr (!kCudaEviction<E>) {
+        if constexpr (!cuda_cache_detail::kSupportedEviction<E>) {
           KVC_FAIL(spec, ": eviction ", E::kName, " has no cuda path; ", kSupported);
         } else {
           return std::visit(
               [&](const auto& quant) -> PolicyResult {
                 using Q = std::decay_t<decltype(quant)>;
-                if constexpr (!kCudaQuant<Q>) {
+                if constexpr (!cuda_cache_detail::kSupportedQuant<Q>) {
                   KVC_FAIL(spec, ": quantization ", Q::kName, " has no cuda path; ", kSupported);
                 } else {
                   KVCache<CudaEvalConfig<E, Q>, Cuda> cache{

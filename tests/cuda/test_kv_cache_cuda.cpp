@@ -53,21 +53,13 @@ std::vector<float> token_rows(kvc::HostView<const float, 3> x, std::int64_t t) {
   return rows;
 }
 
-bool same_contents(const std::vector<kvc::HeadContents>& a,
-                   const std::vector<kvc::HeadContents>& b) {
-  if (a.size() != b.size()) return false;
-  for (std::size_t s = 0; s < a.size(); ++s)
-    if (a[s].source_head != b[s].source_head || a[s].positions != b[s].positions ||
-        a[s].keys != b[s].keys || a[s].values != b[s].values)
-      return false;
-  return true;
-}
-
-// The first difference between two caches' contents, for the failure message.
+// The first difference between two caches' contents ("" when they are the same), for the
+// failure message.
 std::string first_difference(const std::vector<kvc::HeadContents>& a,
                              const std::vector<kvc::HeadContents>& b) {
   if (a.size() != b.size()) return "storage head counts differ";
   for (std::size_t s = 0; s < a.size(); ++s) {
+    if (a[s].source_head != b[s].source_head) return "head " + std::to_string(s) + ": source head";
     if (a[s].positions != b[s].positions) return "head " + std::to_string(s) + ": positions";
     for (const auto& [name, x, y] : {std::tuple{"key", &a[s].keys, &b[s].keys},
                                      std::tuple{"value", &a[s].values, &b[s].values}}) {
@@ -79,7 +71,12 @@ std::string first_difference(const std::vector<kvc::HeadContents>& a,
                  std::to_string((*y)[i]) + " of " + std::to_string(x->size());
     }
   }
-  return "none";
+  return "";
+}
+
+bool same_contents(const std::vector<kvc::HeadContents>& a,
+                   const std::vector<kvc::HeadContents>& b) {
+  return first_difference(a, b).empty();
 }
 
 void require_equal_bytes(const kvc::StorageBytes& cpu, const kvc::StorageBytes& gpu) {

@@ -218,8 +218,15 @@ void copy_rows_f16(const std::vector<float>& rows, int first, int count, int d, 
       dst[t * d + c] = kvc::f16(rows[static_cast<std::size_t>(first + t) * d + c]);
 }
 
-std::vector<float> cpu_out(const Problem& pb) {
-  return std::vector<float>(static_cast<std::size_t>(pb.batch) * pb.q_heads * pb.d, NAN);
+// The CPU reference's output [B, Hq, D] over a host cache description (NaN-filled first).
+template <class HostCache>
+std::vector<float> cpu_reference(const Problem& pb, const HostCache& host) {
+  std::vector<float> out(static_cast<std::size_t>(pb.batch) * pb.q_heads * pb.d, NAN);
+  const auto qf = to_float(pb.q);
+  const std::int64_t b = pb.batch, hq = pb.q_heads, d = pb.d;
+  kvc::ops::decode_attention(kvc::Cpu{}, kvc::make_view(qf.data(), {b, hq, d}), host,
+                             kvc::make_view(out.data(), {b, hq, d}));
+  return out;
 }
 
 // ---- KIVI
@@ -297,10 +304,7 @@ void check_kivi(const Problem& pb, const kvc::Kivi& kivi, bool out_of_range = fa
   host.quantized_keys = kvc::make_view(static_cast<const std::int32_t*>(qks.data()), {B, H});
   host.quantized_values = kvc::make_view(static_cast<const std::int32_t*>(qvs.data()), {B, H});
   host.max_length = pb.max_length();
-  auto reference = cpu_out(pb);
-  const auto qf = to_float(pb.q);
-  kvc::ops::decode_attention(kvc::Cpu{}, kvc::make_view(qf.data(), {B, pb.q_heads, d}), host,
-                             kvc::make_view(reference.data(), {B, pb.q_heads, d}));
+  const auto reference = cpu_reference(pb, host);
 
   Uploads up;
   kvc::ops::KiviCache<MemorySpace::Device> dev;
@@ -392,10 +396,7 @@ void check_int(const Problem& pb, const kvc::IntPerToken& policy) {
   host.lengths = kvc::make_view(static_cast<const std::int32_t*>(lengths.data()), {B, H});
   host.quantized = kvc::make_view(static_cast<const std::int32_t*>(quantized.data()), {B, H});
   host.max_length = pb.max_length();
-  auto reference = cpu_out(pb);
-  const auto qf = to_float(pb.q);
-  kvc::ops::decode_attention(kvc::Cpu{}, kvc::make_view(qf.data(), {B, pb.q_heads, d}), host,
-                             kvc::make_view(reference.data(), {B, pb.q_heads, d}));
+  const auto reference = cpu_reference(pb, host);
 
   Uploads up;
   auto draw = [&](const Packed<unsigned char>& p) -> kvc::ops::CachePart<const void> {
@@ -448,10 +449,7 @@ void check_fp8(const Problem& pb, const kvc::Fp8& policy) {
   host.value_scale = kvc::make_view(static_cast<const float*>(vscale.data()), {B, H});
   host.lengths = kvc::make_view(static_cast<const std::int32_t*>(lengths.data()), {B, H});
   host.max_length = pb.max_length();
-  auto reference = cpu_out(pb);
-  const auto qf = to_float(pb.q);
-  kvc::ops::decode_attention(kvc::Cpu{}, kvc::make_view(qf.data(), {B, pb.q_heads, d}), host,
-                             kvc::make_view(reference.data(), {B, pb.q_heads, d}));
+  const auto reference = cpu_reference(pb, host);
   Uploads up;
   kvc::ops::Fp8Cache<MemorySpace::Device> dev;
   dev.kind = policy.kind;

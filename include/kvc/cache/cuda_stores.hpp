@@ -225,8 +225,7 @@ inline SplitKeep split_keep(Cuda stream, const std::vector<std::vector<std::int3
   return SplitKeep{KeepTable(stream, q), KeepTable(stream, w)};
 }
 
-template <class T>
-DeviceView<float, 1> workspace_view(rt::DeviceBuffer& buffer, std::size_t floats) {
+inline DeviceView<float, 1> workspace_view(rt::DeviceBuffer& buffer, std::size_t floats) {
   if (buffer.bytes() < std::max<std::size_t>(floats, 1) * sizeof(float))
     buffer = rt::DeviceBuffer(std::max<std::size_t>(floats, 1) * sizeof(float));
   return make_device_view(device_ptr<float>(buffer),
@@ -235,9 +234,9 @@ DeviceView<float, 1> workspace_view(rt::DeviceBuffer& buffer, std::size_t floats
 
 inline DeviceView<float, 1> quantized_workspace(const StoreContext& ctx,
                                                 rt::DeviceBuffer& workspace, int max_length) {
-  return workspace_view<float>(workspace,
-                               ops::quantized_decode_attention_workspace_floats(
-                                   ctx.heads, ctx.group, 1, ctx.head_dim, std::max(max_length, 1)));
+  return workspace_view(workspace,
+                        ops::quantized_decode_attention_workspace_floats(
+                            ctx.heads, ctx.group, 1, ctx.head_dim, std::max(max_length, 1)));
 }
 
 // The staged prompt of the layer before eviction ([1, Hkv, T, D] f16), for stores whose
@@ -278,7 +277,7 @@ class Store<NoQuant> {
   void attend(const StoreContext& ctx, DeviceView<const f16, 3> q,  // [S, g, D]
               DeviceView<f16, 3> out, rt::DeviceBuffer& workspace) const {
     const std::int64_t s = ctx.heads, cap = keys_.capacity(), d = ctx.head_dim;
-    const auto ws = workspace_view<float>(
+    const auto ws = workspace_view(
         workspace, ops::decode_attention_workspace_floats(ctx.heads, ctx.group, 1, ctx.head_dim,
                                                           static_cast<int>(cap)));
     ops::decode_attention(ctx.stream, q, k4(s, cap, d), v4(s, cap, d), lengths1(), out, ws,
@@ -292,7 +291,7 @@ class Store<NoQuant> {
                                                      rt::DeviceBuffer& workspace,
                                                      rt::DeviceBuffer& scores) const {
     const std::int64_t s = ctx.heads, cap = keys_.capacity(), d = ctx.head_dim;
-    const auto ws = workspace_view<float>(
+    const auto ws = workspace_view(
         workspace, ops::decode_attention_with_scores_workspace_floats(
                        ctx.heads, ctx.group, 1, ctx.head_dim, static_cast<int>(cap)));
     if (scores.bytes() < static_cast<std::size_t>(s * cap) * sizeof(float))
@@ -378,6 +377,8 @@ class Store<Kivi> {
   void load(const Kivi& q, const StoreContext& ctx, RowTable keys, RowTable values,
             const std::vector<int>& counts, const LayerPrompt&) {
     check(q, ctx.head_dim);
+    bits_ = q.key_bits;  // what attend() and bytes() read back
+    group_ = q.group;
     const int S = ctx.heads, d = ctx.head_dim, g = q.group, r = q.residual;
     const int per_word = ops::codes_per_word(q.key_bits);
     std::vector<int> qk(S), qv(S), kres(S), vwin(S);
@@ -400,7 +401,7 @@ class Store<Kivi> {
     value_scale_ = RowTable(ctx.stream, S, row_capacity, std::int64_t{2} * (d / g));
     value_minimum_ = RowTable(ctx.stream, S, row_capacity, std::int64_t{2} * (d / g));
     value_window_ = RowTable(ctx.stream, S, r + 1, std::int64_t{2} * d);
-    const ops::QuantSpec spec = this->spec(q);
+    const ops::QuantSpec spec = Store::spec(q);
     for (int s = 0; s < S; ++s) {
       if (qk[s] > 0)
         ops::quantize_channel_blocks(ctx.stream, keys.head_rows<const f16>(s, 0, qk[s]), spec,
@@ -435,7 +436,7 @@ class Store<Kivi> {
 
   // KIVI's flushes after the step (the CPU store's after_step, same rule per head).
   void after_step(const Kivi& q, const StoreContext& ctx) {
-    const ops::QuantSpec spec = this->spec(q);
+    const ops::QuantSpec spec = Store::spec(q);
     const int r = q.residual;
     bool keys_full = false, values_over = false;
     int blocks_needed = 0, rows_needed = 0;
@@ -512,9 +513,7 @@ class Store<Kivi> {
   int size(int s) const { return lengths_[s]; }
 
  private:
-  ops::QuantSpec spec(const Kivi& q) {
-    bits_ = q.key_bits;
-    group_ = q.group;
+  static ops::QuantSpec spec(const Kivi& q) {
     return ops::QuantSpec{q.key_bits, q.group, false, ops::ParamDType::f16};
   }
   static std::vector<std::int32_t> as_int32(const std::vector<int>& x) {

@@ -313,15 +313,7 @@ class KVCache<Config, Cpu> {
       data.heads[s].load(quant_, make_view(static_cast<const float*>(keys.data()), {n, d}),
                          make_view(static_cast<const float*>(values.data()), {n, d}), positions);
     }
-    data.staged_keys.clear();
-    data.staged_values.clear();
-    data.staged_queries.clear();
-    data.staged_positions.clear();
-    data.staged_scores.clear();
-    data.staged_prerope.clear();
-    data.staged_prerope_tokens = 0;
-    data.staged_tokens = data.staged_query_count = 0;
-    data.compressed = true;
+    finish_staging(data);
   }
 
   // Appends one decode token (its key and value per KV head) at the next absolute position.
@@ -585,6 +577,19 @@ class KVCache<Config, Cpu> {
       static_assert(sizeof(Arg) == 0, "KVCache: argument matches no slot of the Config");
   }
 
+  // The prompt is in the stores: drop the host staging and mark the layer compressed.
+  static void finish_staging(LayerData& data) {
+    data.staged_keys.clear();
+    data.staged_values.clear();
+    data.staged_queries.clear();
+    data.staged_positions.clear();
+    data.staged_scores.clear();
+    data.staged_prerope.clear();
+    data.staged_prerope_tokens = 0;
+    data.staged_tokens = data.staged_query_count = 0;
+    data.compressed = true;
+  }
+
   LayerData& layer_data(int layer) {
     check_layer_index(layer, shape_.layers);
     return layers_[layer];
@@ -820,15 +825,7 @@ class KVCache<Config, Cpu> {
       lower.share.pending_keys = {};
       lower.share.pending_values = {};
     }
-    data.staged_keys.clear();
-    data.staged_values.clear();
-    data.staged_queries.clear();
-    data.staged_positions.clear();
-    data.staged_scores.clear();
-    data.staged_prerope.clear();
-    data.staged_prerope_tokens = 0;
-    data.staged_tokens = data.staged_query_count = 0;
-    data.compressed = true;
+    finish_staging(data);
     return true;
   }
   void plan_from_prompt_keys() {
