@@ -521,20 +521,10 @@ class KVCache<Config, Cuda> {
     return layers_[layer];
   }
   LayerData& ready_layer(int layer, const char* what) {
-    LayerData& data = layer_data(layer);
-    if (!data.compressed) {
-      KVC_CHECK(
-          data.staged_tokens == 0, what, "(layer ", layer,
-          "): the layer has prefilled tokens that were not compressed; call compress() first");
-      compress(layer);
-    }
-    return data;
+    return ready_decode_layer(layers_, layer, what, [this](int l) { compress(l); });
   }
   const LayerData& ready_layer(int layer, const char* what) const {
-    const LayerData& data = layer_data(layer);
-    KVC_CHECK(data.compressed, what, "(layer ", layer,
-              "): the layer holds no compressed tokens yet");
-    return data;
+    return ready_decode_layer(layers_, layer, what);
   }
 
   template <class T>

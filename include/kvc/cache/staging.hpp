@@ -6,6 +6,7 @@
 //   kvc::append_heads(staged_keys, staged_tokens, k);  // [H, T_old, D] -> [H, T_old + T, D]
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -24,6 +25,33 @@ void check_head_shape(const char* what, HostView<const T, 3> x, int heads, int h
 // Requires 0 <= layer < layers.
 inline void check_layer_index(int layer, int layers) {
   KVC_CHECK(layer >= 0 && layer < layers, "layer ", layer, " out of range [0, ", layers, ")");
+}
+
+// Layer `layer` of a cache (either backend) for a decode operation named `what`: a layer that was
+// never compressed is compressed now when it holds no staged prompt (an empty cache decodes
+// from nothing); one with a staged prompt is an error, since only the caller knows when the
+// prompt is complete. `compress(layer)` is the cache's own.
+template <class LayerData, class Compress>
+LayerData& ready_decode_layer(std::vector<LayerData>& layers, int layer, const char* what,
+                              Compress&& compress) {
+  check_layer_index(layer, static_cast<int>(layers.size()));
+  LayerData& data = layers[static_cast<std::size_t>(layer)];
+  if (!data.compressed) {
+    KVC_CHECK(data.staged_tokens == 0, what, "(layer ", layer,
+              "): the layer has prefilled tokens that were not compressed; call compress() first");
+    compress(layer);
+  }
+  return data;
+}
+
+// The read-only form: the layer must already be compressed.
+template <class LayerData>
+const LayerData& ready_decode_layer(const std::vector<LayerData>& layers, int layer,
+                                    const char* what) {
+  check_layer_index(layer, static_cast<int>(layers.size()));
+  const LayerData& data = layers[static_cast<std::size_t>(layer)];
+  KVC_CHECK(data.compressed, what, "(layer ", layer, "): the layer holds no compressed tokens yet");
+  return data;
 }
 
 // Appends x [H, T, D] to a staged [H, T_old, D] buffer, giving [H, T_old + T, D].
