@@ -49,51 +49,32 @@ inline SplitPlan plan_splits(int batch, int kv_heads, int max_length, int blocks
   return plan;
 }
 
-// A sum or max over the D threads of a block (D a multiple of 32), returned to every thread.
-// `scratch` holds D / 32 floats; the closing barrier lets the caller reuse it at once.
-template <int D, class Combine>
-__device__ float block_all_reduce(float x, float* scratch, Combine combine) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2)
-    x = combine(x, __shfl_xor_sync(0xffffffffu, x, offset));
-  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = x;
-  __syncthreads();
-  float result = scratch[0];
-#pragma unroll
-  for (int w = 1; w < D / 32; ++w) result = combine(result, scratch[w]);
-  __syncthreads();
-  return result;
-}
-
 // Called by all D threads of one block for one (sequence b, query head): the merged output
-// element `threadIdx.x`. The splits' maxima, weights and weighted sums are reduced by the whole
-// block (a serial loop in one thread cost 19 us at 128 splits, 8% of a B 1 / 128K decode), the
-// weights pass through shared memory once, and the loop over splits issues only the coalesced
-// accumulator loads, several in flight per thread.
+// element `threadIdx.x`. The splits' maxima and weights go through shared memory once, so the loop
+// over splits issues only the coalesced accumulator loads, several in flight per thread.
 template <int D>
 __device__ float merge_split_partials(const float* workspace, int batch, int q_heads, int splits,
                                       int b, int q_head) {
-  static_assert(D % 32 == 0, "merge_split_partials: D must be a multiple of 32");
   __shared__ float weight[kMaxSplits];
-  __shared__ float scratch[D / 32];
+  __shared__ float total_weight;
   const int d = threadIdx.x;
   const std::int64_t first = (static_cast<std::int64_t>(b) * q_heads + q_head) * splits;
   const std::int64_t partials = static_cast<std::int64_t>(batch) * q_heads * splits;
   const float* maxima = workspace + partials * D + first;
   const float* sums = workspace + partials * (D + 1) + first;
-  float local_max = -INFINITY;
-  for (int s = d; s < splits; s += D) local_max = fmaxf(local_max, maxima[s]);
-  const float global_max =
-      block_all_reduce<D>(local_max, scratch, [](float x, float y) { return fmaxf(x, y); });
-  float local_sum = 0.0f;
-  for (int s = d; s < splits; s += D) {
-    const float w = global_max == -INFINITY ? 0.0f : exp2f(maxima[s] - global_max);
-    weight[s] = w;
-    local_sum += sums[s] * w;
+  for (int s = d; s < splits; s += D) weight[s] = maxima[s];
+  __syncthreads();
+  if (d == 0) {
+    float global_max = -INFINITY;
+    for (int s = 0; s < splits; ++s) global_max = fmaxf(global_max, weight[s]);
+    float sum = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+      weight[s] = global_max == -INFINITY ? 0.0f : exp2f(weight[s] - global_max);
+      sum += sums[s] * weight[s];
+    }
+    total_weight = sum;
   }
-  // The reduction's barriers also publish `weight`.
-  const float total_weight =
-      block_all_reduce<D>(local_sum, scratch, [](float x, float y) { return x + y; });
+  __syncthreads();
   float total = 0.0f;
   const float* acc = workspace + first * D + d;
 #pragma unroll 8
