@@ -1,18 +1,33 @@
 // cuda/selection.cu: the SnapKV prefill path (include/kvc/ops/selection.hpp): observation-window
-// scores with GQA reduction and pooling, top-k per row with CUB, compaction of the survivors.
+// scores with GQA reduction and pooling, top-k per row, compaction of the survivors.
 //
-// Scores take two passes over K, one block per (tile of 128 keys, KV head), the G * W window rows
-// of the KV head's query heads in chunks of 32 through tensor-core MMAs (bf16/f16 in, fp32
-// accumulation). Pass 1 writes each tile's row max and sum of exponentials, a merge kernel combines
-// the tiles; pass 2 recomputes the scores, turns them into probabilities with the merged
-// statistics, rounds them like the reference and sums the window rows (one thread per key, rows in
-// increasing order, as the reference does), then the GQA mean; a last kernel pools. Recomputing
-// QK^T costs a second read of K; storing the [Hq, W, T] scores instead would move several times
-// more bytes.
+// Scores take two passes over K (pass 1: softmax statistics, pass 2: probabilities), each one wave
+// of blocks: a block owns a run of consecutive 64-key tiles of one KV head, streams them through a
+// two-stage cp.async pipeline and keeps the KV head's G * W window rows in shared memory (in
+// 128-row chunks that take turns when G * W > 128). Each of the 4 warps computes the scores of 32
+// window rows x 64 keys with mma.sync m16n8k16 (bf16/f16 in, fp32 accumulation, ldmatrix
+// operands) and keeps them in registers. Pass 1 reduces them to each (row, tile) max and sum of
+// exponentials (quad shuffles), a merge kernel combines the tiles. Pass 2 turns the fragments into
+// probabilities exp(s - max) / sum (the quotient correctly rounded: Markstein's q0 = e * (1 / sum)
+// plus one fma residual step, the IEEE division's result without its slow path), rounds them like
+// the reference and stages them [row, key] in shared memory, packed two per word when rounded to
+// 16 bits. Then the window rows are summed per key in increasing row order: when W divides 32 (W
+// >= 8) each warp sums its own rows (whole query heads, lane = two keys) after a __syncwarp, and
+// the group mean adds the head scores in head order; otherwise one thread per key walks the
+// chunk's rows. A last kernel pools. Recomputing QK^T costs a second read of K; storing the
+// [Hq, W, T] scores instead would move several times more bytes. Both passes are latency bound:
+// registers allow 12 (pass 1) and 8 (pass 2) warps per SM, and ncu shows each warp issuing every
+// 4.5-5.7 cycles (fixed-latency dependencies first), about 40-45% of the SM's issue slots.
 //
-// Top-k is a radix select, one block per row, on 32-bit keys ordered by descending score: the
-// k-th key is found digit by digit, then a block scan writes the survivors in ascending position,
-// exact ties going to the lower positions (the reference's total order, without a sort).
+// Top-k is a radix select on 32-bit keys ordered by descending score: the k-th key is found digit
+// by digit (8-bit digits, warp-aggregated shared atomics), then a block scan writes the survivors
+// in ascending position, exact ties going to the lower positions (the reference's total order,
+// without a sort). Rows of up to 131072 scores go to a cluster of 8
+// blocks per row (thread-block clusters, sm_90): the row is read once into registers (contiguous
+// runs per thread), the blocks' digit histograms are summed through distributed shared memory and
+// each block's survivors are offset by the lower-ranked blocks' counts. Longer rows take one
+// block per row, re-reading the row from L2 on each digit.
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <mma.h>
@@ -22,6 +37,7 @@
 #include <cstdint>
 #include <cub/block/block_scan.cuh>
 #include <limits>
+#include <type_traits>
 
 #include "check.cuh"
 #include "kvc/core/dispatch.hpp"
@@ -31,9 +47,6 @@
 namespace kvc::ops {
 namespace {
 
-constexpr int kThreads = 128;   // 4 warps
-constexpr int kTileKeys = 128;  // keys per block; each warp owns 32 of them in the MMA
-constexpr int kChunkRows = 32;  // window rows per MMA chunk (two 16-row fragments)
 constexpr std::size_t kAlign = 256;
 
 std::size_t align_up(std::size_t bytes) { return (bytes + kAlign - 1) / kAlign * kAlign; }
@@ -69,181 +82,358 @@ struct ScoreParams {
   float* row_max;                // [Hq * W]: merged
   float* row_sum;                // [Hq * W]
   float* reduced;                // [S, T - W]
-  int window, tokens, prefix, tiles, group;
+  int window, tokens, prefix, tiles, prefix_tiles, tiles_per_block, group;
   bool per_query_head;  // S == Hq
   bool mean_rows;       // ScoreReduction::mean
-  int rounding;         // 0 none, 1 f16, 2 bf16
+  bool warp_fold;       // W divides 32 and W >= 8: each warp's rows are whole query heads
   float scale;
 };
-
-__device__ inline float round_probability(float p, int rounding) {
-  if (rounding == 1) return __half2float(__float2half_rn(p));
-  if (rounding == 2) return __bfloat162float(__float2bfloat16_rn(p));
-  return p;
-}
 
 template <class T>
 __device__ inline uint4 load16(const T* p) {
   return __ldg(reinterpret_cast<const uint4*>(p));
 }
 
-template <int D>
-constexpr std::size_t window_shared_bytes() {
-  return static_cast<std::size_t>(kTileKeys + kChunkRows) * (D + 8) * 2 +
-         static_cast<std::size_t>(kChunkRows) * (kTileKeys + 4) * sizeof(float);
+// 16 bytes global -> shared without staging in registers; `valid` false writes zeros.
+__device__ inline void cp_async16(void* shared_ptr, const void* global_ptr, bool valid) {
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared_ptr));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global_ptr),
+               "r"(valid ? 16 : 0));
+}
+__device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ inline void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
 
-// Pass 1 (kSecond = false): per (window row, tile) the max and the sum of exp(score - max) over
-// the visible keys of the tile. Pass 2: the rounded probabilities of the prefix keys summed over
-// the window rows of each query head, then reduced over the group.
-template <class T, int D, bool kSecond>
-__global__ void __launch_bounds__(kThreads, 3) window_kernel(ScoreParams<T> p) {
-  using namespace nvcuda;
-  constexpr int kLd = D + 8;  // padded rows: 16 bytes of skew between rows spreads the banks
-  constexpr int kScoreLd = kTileKeys + 4;
-  constexpr int kVectors = D / 8;  // 16-byte vectors per row
-  constexpr int kTileLoads = kTileKeys * kVectors / kThreads;
-  extern __shared__ __align__(128) unsigned char shared[];
-  T* k_tile = reinterpret_cast<T*>(shared);                              // [kTileKeys, kLd]
-  T* q_chunk = k_tile + kTileKeys * kLd;                                 // [kChunkRows, kLd]
-  float* s_tile = reinterpret_cast<float*>(q_chunk + kChunkRows * kLd);  // [kChunkRows, kScoreLd]
-  __shared__ float chunk_max[kChunkRows], chunk_sum[kChunkRows];
+__device__ inline void ldmatrix_x4(std::uint32_t (&r)[4], const void* shared_ptr) {
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared_ptr));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
 
-  const int tile = blockIdx.x, kv_head = blockIdx.y;
-  const int first_key = tile * kTileKeys;
-  const int warp = threadIdx.x / 32;
-  const int rows = p.group * p.window;  // the KV head's window rows, query head major
+// D (16x8, fp32) += A (16x16, row) * B (16x8, col).
+template <class T>
+__device__ inline void mma16816(float (&d)[4], const std::uint32_t (&a)[4], std::uint32_t b0,
+                                std::uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
 
-  {  // K tile; keys past T read as zeros (their scores are masked)
-    const T* k_base = p.k + kv_head * p.k_head;
-    uint4 staged[kTileLoads];
+constexpr int kThreads = 128;                          // 4 warps
+constexpr int kWarpRows = 32;                          // window rows per warp: two m16 fragments
+constexpr int kChunkRows = kWarpRows * kThreads / 32;  // rows per pass over a K tile
+constexpr int kTileKeys = 64;   // keys per K tile: eight n8 fragments per warp
+constexpr int kHeadSlots = 16;  // query heads per chunk whose scores the warp fold stages (W >= 8)
+
+// Row stride of the staged probabilities, in 32-bit words: fp32 [.., 64 + 8], 16-bit [.., 32 + 4];
+// both make the fragment stores and the column reads conflict-free.
+__host__ __device__ constexpr int probability_words(int rounding) {
+  return rounding == 0 ? kTileKeys + 8 : kTileKeys / 2 + 4;
+}
+
+template <int D, bool kSecond, int kRounding>
+constexpr std::size_t window_shared_bytes() {
+  std::size_t bytes = static_cast<std::size_t>(kChunkRows + 2 * kTileKeys) * (D + 8) * 2;
+  if (kSecond)
+    bytes += static_cast<std::size_t>(kChunkRows) * probability_words(kRounding) * 4 +
+             static_cast<std::size_t>(kHeadSlots) * kTileKeys * sizeof(float);
+  return bytes;
+}
+
+// S[warp's 32 rows, 64 keys] = Q K^T: acc[m][n] is the m16n8 fragment of rows 16 m.., keys 8 n..
+template <class T, int D>
+__device__ inline void score_fragments(const T* q_chunk, const T* k_tile, int warp, int lane,
+                                       float (&acc)[2][8][4]) {
+  constexpr int kLd = D + 8;
 #pragma unroll
-    for (int u = 0; u < kTileLoads; ++u) {
-      const int e = u * kThreads + threadIdx.x;
-      const int key = first_key + e / kVectors;
-      staged[u] = key < p.tokens ? load16(k_base + key * p.k_token + (e % kVectors) * 8)
-                                 : make_uint4(0, 0, 0, 0);
-    }
+  for (int m = 0; m < 2; ++m)
 #pragma unroll
-    for (int u = 0; u < kTileLoads; ++u) {
-      const int e = u * kThreads + threadIdx.x;
-      *reinterpret_cast<uint4*>(k_tile + (e / kVectors) * kLd + (e % kVectors) * 8) = staged[u];
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[m][n][e] = 0.0f;
+  const T* a_base = q_chunk + (warp * kWarpRows + lane % 16) * kLd + (lane / 16) * 8;
+  const T* b_base = k_tile + (lane % 8 + (lane / 16) * 8) * kLd + ((lane / 8) % 2) * 8;
+#pragma unroll
+  for (int kk = 0; kk < D; kk += 16) {
+    std::uint32_t a[2][4];
+#pragma unroll
+    for (int m = 0; m < 2; ++m) ldmatrix_x4(a[m], a_base + m * 16 * kLd + kk);
+#pragma unroll
+    for (int np = 0; np < 4; ++np) {
+      std::uint32_t b[4];
+      ldmatrix_x4(b, b_base + np * 16 * kLd + kk);
+#pragma unroll
+      for (int m = 0; m < 2; ++m) {
+        mma16816<T>(acc[m][2 * np], a[m], b[0], b[1]);
+        mma16816<T>(acc[m][2 * np + 1], a[m], b[2], b[3]);
+      }
     }
   }
+}
 
-  const int key = first_key + threadIdx.x;  // pass 2: this thread's key
-  float head_sum = 0.0f, group_sum = 0.0f;
-  for (int chunk = 0; chunk < rows; chunk += kChunkRows) {
+// Two probabilities of a row, rounded and packed as the fold reads them back.
+template <int kRounding>
+__device__ inline std::uint32_t pack_rounded(float a, float b) {
+  if constexpr (kRounding == 1) {
+    const __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<const std::uint32_t*>(&h);
+  } else {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<const std::uint32_t*>(&h);
+  }
+}
+template <int kRounding>
+__device__ inline float2 unpack_rounded(std::uint32_t word) {
+  if constexpr (kRounding == 1) {
+    const __half2 h = *reinterpret_cast<const __half2*>(&word);
+    return __half22float2(h);
+  } else {
+    return make_float2(__uint_as_float(word << 16), __uint_as_float(word & 0xFFFF0000u));
+  }
+}
+
+// Pass 1 (kSecond = false): per (window row, 64-key tile) the max and the sum of exp(score - max)
+// over the visible keys of the tile. Pass 2: the rounded probabilities of the prefix keys summed
+// over the window rows of each query head in row order, then reduced over the group. A block owns
+// tiles_per_block consecutive tiles of one KV head; K tiles stream through a two-stage cp.async
+// pipeline while the window rows (one 128-row chunk when G W <= 128) stay in shared memory.
+template <class T, int D, bool kSecond, int kRounding>
+__global__ void __launch_bounds__(kThreads, kSecond ? 2 : 3) window_kernel(ScoreParams<T> p) {
+  constexpr int kLd = D + 8;       // padded rows: 16 bytes of skew between rows spreads the banks
+  constexpr int kVectors = D / 8;  // 16-byte vectors per row
+  constexpr int kWords = probability_words(kRounding);
+  extern __shared__ __align__(128) unsigned char shared[];
+  T* q_chunk = reinterpret_cast<T*>(shared);  // [kChunkRows, kLd]
+  T* k_stages = q_chunk + kChunkRows * kLd;   // [2][kTileKeys, kLd]
+  std::uint32_t* staged = reinterpret_cast<std::uint32_t*>(k_stages + 2 * kTileKeys * kLd);
+  float* head_scores = reinterpret_cast<float*>(staged + kChunkRows * kWords);  // [slots, keys]
+
+  const int kv_head = blockIdx.y;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane / 4, quad = lane % 4;  // fragment row and column pair
+  const int rows = p.group * p.window;      // the KV head's window rows, query head major
+  const int chunks = (rows + kChunkRows - 1) / kChunkRows;
+  const int tile_begin = blockIdx.x * p.tiles_per_block;
+  const int tile_end = min(kSecond ? p.prefix_tiles : p.tiles, tile_begin + p.tiles_per_block);
+  if (tile_begin >= tile_end) return;
+  const T* k_base = p.k + kv_head * p.k_head;
+
+  const auto load_k = [&](int tile, int stage) {  // keys past T read as zeros (masked)
+    T* dst = k_stages + stage * kTileKeys * kLd;
+#pragma unroll
+    for (int u = 0; u < kTileKeys * kVectors / kThreads; ++u) {
+      const int e = u * kThreads + threadIdx.x;
+      const int key = tile * kTileKeys + e / kVectors;
+      const bool valid = key < p.tokens;
+      cp_async16(dst + (e / kVectors) * kLd + (e % kVectors) * 8,
+                 valid ? k_base + key * p.k_token + (e % kVectors) * 8 : k_base, valid);
+    }
+  };
+  const auto load_q = [&](int chunk) {  // rows past G W read as zeros
+#pragma unroll 4
     for (int e = threadIdx.x; e < kChunkRows * kVectors; e += kThreads) {
-      const int row = chunk + e / kVectors;
-      uint4 value = make_uint4(0, 0, 0, 0);
-      if (row < rows) {
-        const int q_head = kv_head * p.group + row / p.window;
-        value = load16(p.q + q_head * p.q_head + (row % p.window) * p.q_row + (e % kVectors) * 8);
-      }
-      *reinterpret_cast<uint4*>(q_chunk + (e / kVectors) * kLd + (e % kVectors) * 8) = value;
+      const int row = chunk * kChunkRows + e / kVectors;
+      const bool valid = row < rows;
+      const int q_head = kv_head * p.group + row / p.window;
+      cp_async16(
+          q_chunk + (e / kVectors) * kLd + (e % kVectors) * 8,
+          valid ? p.q + q_head * p.q_head + (row % p.window) * p.q_row + (e % kVectors) * 8 : p.q,
+          valid);
     }
-    if (kSecond && threadIdx.x < kChunkRows) {
-      const int row = chunk + threadIdx.x;
-      const bool in = row < rows;
-      chunk_max[threadIdx.x] = in ? p.row_max[kv_head * rows + row] : 0.0f;
-      chunk_sum[threadIdx.x] = in ? p.row_sum[kv_head * rows + row] : 1.0f;
-    }
-    __syncthreads();
+  };
 
-    {  // S[chunk rows, warp's 32 keys] = Q K^T
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
-#pragma unroll
-      for (int m = 0; m < 2; ++m)
-#pragma unroll
-        for (int n = 0; n < 2; ++n) wmma::fill_fragment(acc[m][n], 0.0f);
-#pragma unroll
-      for (int kk = 0; kk < D; kk += 16) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a[2];
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> b[2];
-#pragma unroll
-        for (int m = 0; m < 2; ++m) wmma::load_matrix_sync(a[m], q_chunk + m * 16 * kLd + kk, kLd);
-#pragma unroll
-        for (int n = 0; n < 2; ++n)
-          wmma::load_matrix_sync(b[n], k_tile + (warp * 32 + n * 16) * kLd + kk, kLd);
+  load_q(0);
+  load_k(tile_begin, 0);
+  cp_async_commit();
+  float row_max[2][2], row_sum[2][2], row_inverse[2][2];  // pass 2: this thread's four rows
+  for (int tile = tile_begin, it = 0; tile < tile_end; ++tile, ++it) {
+    if (tile + 1 < tile_end) load_k(tile + 1, (it + 1) % 2);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const T* k_tile = k_stages + (it % 2) * kTileKeys * kLd;
+    const int first_key = tile * kTileKeys;
+    float head_sum = 0.0f, group_sum = 0.0f;  // pass 2, threads < kTileKeys: key first_key + tid
+
+    for (int chunk = 0; chunk < chunks; ++chunk) {
+      const int chunk_row = chunk * kChunkRows;
+      if (chunks > 1 && (chunk > 0 || it > 0)) {  // G W > 128: the window rows take turns
+        __syncthreads();
+        load_q(chunk);
+        cp_async_commit();
+        cp_async_wait<0>();
+        __syncthreads();
+      }
+      if (kSecond && (chunks > 1 || it == 0)) {
 #pragma unroll
         for (int m = 0; m < 2; ++m)
 #pragma unroll
-          for (int n = 0; n < 2; ++n) wmma::mma_sync(acc[m][n], a[m], b[n], acc[m][n]);
+          for (int h = 0; h < 2; ++h) {
+            const int row = chunk_row + warp * kWarpRows + m * 16 + h * 8 + g;
+            const bool in = row < rows;
+            row_max[m][h] = in ? p.row_max[kv_head * rows + row] : 0.0f;
+            row_sum[m][h] = in ? p.row_sum[kv_head * rows + row] : 1.0f;
+            row_inverse[m][h] = 1.0f / row_sum[m][h];
+          }
       }
-#pragma unroll
-      for (int m = 0; m < 2; ++m)
-#pragma unroll
-        for (int n = 0; n < 2; ++n)
-          wmma::store_matrix_sync(s_tile + m * 16 * kScoreLd + warp * 32 + n * 16, acc[m][n],
-                                  kScoreLd, wmma::mem_row_major);
-    }
-    __syncthreads();
+      float acc[2][8][4];
+      score_fragments<T, D>(q_chunk, k_tile, warp, lane, acc);
 
-    if constexpr (!kSecond) {
-      // Four threads per row, each over every fourth key (conflict-free banks); the 32 exps of a
-      // thread are independent, so they overlap.
-      const int r = threadIdx.x / 4, part = threadIdx.x % 4;
-      const int row = chunk + r;
-      const int last = p.tokens - p.window + row % p.window;  // last visible key
-      float s[kTileKeys / 4];
-      float m = -INFINITY;
+      if constexpr (!kSecond) {
+        // Keys past T - W are hidden from the earlier window rows (and keys past T from all).
+        const bool masked = first_key + kTileKeys - 1 > p.tokens - p.window;
 #pragma unroll
-      for (int u = 0; u < kTileKeys / 4; ++u) {
-        const int column = u * 4 + part;
-        s[u] = first_key + column <= last ? s_tile[r * kScoreLd + column] * p.scale : -INFINITY;
-        m = fmaxf(m, s[u]);
-      }
-      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
-      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
-      float l = 0.0f;
-      if (m != -INFINITY) {
+        for (int m = 0; m < 2; ++m)
 #pragma unroll
-        for (int u = 0; u < kTileKeys / 4; ++u) l += s[u] != -INFINITY ? expf(s[u] - m) : 0.0f;
-      }
-      l += __shfl_xor_sync(0xffffffffu, l, 1);
-      l += __shfl_xor_sync(0xffffffffu, l, 2);
-      if (part == 0 && row < rows) {
-        const std::int64_t at = static_cast<std::int64_t>(kv_head * rows + row) * p.tiles + tile;
-        p.tile_max[at] = m;
-        p.tile_sum[at] = l;
-      }
-    } else {
-      if (key < p.prefix) {  // prefix keys are visible to every window row: no mask
-        // The chunk's probabilities first (independent, they overlap), then the sums in row order.
-        float probability[kChunkRows];
+          for (int h = 0; h < 2; ++h) {
+            const int row = chunk_row + warp * kWarpRows + m * 16 + h * 8 + g;
+            const int last = p.tokens - p.window + row % p.window;  // last visible key
+            float s[16];
+            float mx = -INFINITY;
 #pragma unroll
-        for (int r = 0; r < kChunkRows; ++r) {
-          const float score = s_tile[r * kScoreLd + threadIdx.x] * p.scale;
-          probability[r] = round_probability(expf(score - chunk_max[r]) / chunk_sum[r], p.rounding);
-        }
-        int i = chunk % p.window, head = chunk / p.window;
+            for (int n = 0; n < 8; ++n)
 #pragma unroll
-        for (int r = 0; r < kChunkRows; ++r) {
-          if (chunk + r < rows) {
-            head_sum += probability[r];
-            if (++i == p.window) {  // the query head's last window row
-              const float head_score =
-                  p.mean_rows ? head_sum / static_cast<float>(p.window) : head_sum;
-              if (p.per_query_head) {
-                const int q_head = kv_head * p.group + head;
-                p.reduced[static_cast<std::int64_t>(q_head) * p.prefix + key] = head_score;
-              } else {
-                group_sum += head_score;
+              for (int e = 0; e < 2; ++e) {
+                const float score = __fmul_rn(acc[m][n][2 * h + e], p.scale);
+                const int key = first_key + n * 8 + 2 * quad + e;
+                s[2 * n + e] = masked && key > last ? -INFINITY : score;
+                mx = fmaxf(mx, s[2 * n + e]);
               }
-              head_sum = 0.0f;
-              i = 0;
-              ++head;
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            float l = 0.0f;
+            if (mx != -INFINITY) {
+#pragma unroll
+              for (int u = 0; u < 16; ++u) l += s[u] != -INFINITY ? expf(s[u] - mx) : 0.0f;
+            }
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            if (quad == 0 && row < rows) {
+              const std::int64_t at =
+                  static_cast<std::int64_t>(kv_head * rows + row) * p.tiles + tile;
+              p.tile_max[at] = mx;
+              p.tile_sum[at] = l;
+            }
+          }
+      } else {
+        // Probabilities exp(s - max) / sum, the division as the correctly rounded quotient
+        // (Markstein: q0 = e * (1 / sum), then one fma residual step), rounded, staged [row, key].
+#pragma unroll
+        for (int m = 0; m < 2; ++m)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int local = warp * kWarpRows + m * 16 + h * 8 + g;
+#pragma unroll
+            for (int n = 0; n < 8; ++n) {
+              float prob[2];
+#pragma unroll
+              for (int e = 0; e < 2; ++e) {
+                const float score = __fmul_rn(acc[m][n][2 * h + e], p.scale);
+                const float x = expf(score - row_max[m][h]);
+                const float q0 = __fmul_rn(x, row_inverse[m][h]);
+                prob[e] = fmaf(fmaf(-q0, row_sum[m][h], x), row_inverse[m][h], q0);
+              }
+              if constexpr (kRounding == 0) {
+                *reinterpret_cast<float2*>(staged + local * kWords + n * 8 + 2 * quad) =
+                    make_float2(prob[0], prob[1]);
+              } else {
+                staged[local * kWords + n * 4 + quad] = pack_rounded<kRounding>(prob[0], prob[1]);
+              }
+            }
+          }
+        const int chunk_rows = min(rows - chunk_row, kChunkRows);
+        if (p.warp_fold) {
+          // Each warp sums its own rows (whole query heads): lane = keys 2 lane, 2 lane + 1.
+          __syncwarp();
+          const int warp_row = warp * kWarpRows;
+          if (warp_row < chunk_rows) {
+            float sum0 = 0.0f, sum1 = 0.0f;
+            int i = 0, slot = warp_row / p.window;
+#pragma unroll
+            for (int r = 0; r < kWarpRows; ++r) {
+              if (warp_row + r < chunk_rows) {
+                float2 v;
+                if constexpr (kRounding == 0) {
+                  v = *reinterpret_cast<const float2*>(staged + (warp_row + r) * kWords + 2 * lane);
+                } else {
+                  v = unpack_rounded<kRounding>(staged[(warp_row + r) * kWords + lane]);
+                }
+                sum0 += v.x;
+                sum1 += v.y;
+                if (++i == p.window) {
+                  const float div = static_cast<float>(p.window);
+                  *reinterpret_cast<float2*>(head_scores + slot * kTileKeys + 2 * lane) =
+                      p.mean_rows ? make_float2(sum0 / div, sum1 / div) : make_float2(sum0, sum1);
+                  sum0 = sum1 = 0.0f;
+                  i = 0;
+                  ++slot;
+                }
+              }
+            }
+          }
+          __syncthreads();
+          const int heads = chunk_rows / p.window, first_head = chunk_row / p.window;
+          if (p.per_query_head) {
+            for (int e = threadIdx.x; e < heads * kTileKeys; e += kThreads) {
+              const int key = first_key + e % kTileKeys;
+              const int q_head = kv_head * p.group + first_head + e / kTileKeys;
+              if (key < p.prefix)
+                p.reduced[static_cast<std::int64_t>(q_head) * p.prefix + key] = head_scores[e];
+            }
+          } else if (threadIdx.x < kTileKeys) {
+            for (int s = 0; s < heads; ++s) group_sum += head_scores[s * kTileKeys + threadIdx.x];
+          }
+        } else {
+          // Any W: one thread per key walks the chunk's rows in order.
+          __syncthreads();
+          const int key = first_key + threadIdx.x;
+          if (threadIdx.x < kTileKeys && key < p.prefix) {
+            int i = chunk_row % p.window, head = chunk_row / p.window;
+            for (int r = 0; r < chunk_rows; ++r) {
+              if constexpr (kRounding == 0) {
+                head_sum += reinterpret_cast<const float*>(staged)[r * kWords + threadIdx.x];
+              } else {
+                const std::uint32_t word = staged[r * kWords + threadIdx.x / 2];
+                const float2 v = unpack_rounded<kRounding>(word);
+                head_sum += threadIdx.x % 2 ? v.y : v.x;
+              }
+              if (++i == p.window) {  // the query head's last window row
+                const float head_score =
+                    p.mean_rows ? head_sum / static_cast<float>(p.window) : head_sum;
+                if (p.per_query_head) {
+                  const int q_head = kv_head * p.group + head;
+                  p.reduced[static_cast<std::int64_t>(q_head) * p.prefix + key] = head_score;
+                } else {
+                  group_sum += head_score;
+                }
+                head_sum = 0.0f;
+                i = 0;
+                ++head;
+              }
             }
           }
         }
       }
     }
-    __syncthreads();  // the next chunk overwrites q_chunk, s_tile and the chunk statistics
+    if (kSecond && !p.per_query_head && threadIdx.x < kTileKeys &&
+        first_key + static_cast<int>(threadIdx.x) < p.prefix)
+      p.reduced[static_cast<std::int64_t>(kv_head) * p.prefix + first_key + threadIdx.x] =
+          group_sum / static_cast<float>(p.group);
+    __syncthreads();  // the next tile's prefetch reuses this stage; staged rows are rewritten
   }
-  if (kSecond && !p.per_query_head && key < p.prefix)
-    p.reduced[static_cast<std::int64_t>(kv_head) * p.prefix + key] =
-        group_sum / static_cast<float>(p.group);
 }
 
 // One warp per window row: combines the tiles' (max, sum) into the row's softmax statistics.
@@ -379,29 +569,48 @@ void run_scores(Cuda stream, DeviceView<const Storage, 3> q, DeviceView<const St
   p.group = static_cast<int>(hq / hkv);
   p.per_query_head = s == hq;
   p.mean_rows = options.reduction == ScoreReduction::mean;
-  p.rounding = options.rounding == ProbabilityRounding::f16    ? 1
-               : options.rounding == ProbabilityRounding::bf16 ? 2
-                                                               : 0;
+  p.warp_fold = w >= 8 && 32 % w == 0;
   p.scale = options.scale == 0.0f ? 1.0f / std::sqrt(static_cast<float>(d)) : options.scale;
+  p.prefix_tiles = (p.prefix + kTileKeys - 1) / kTileKeys;
+  const int rounding = options.rounding == ProbabilityRounding::f16    ? 1
+                       : options.rounding == ProbabilityRounding::bf16 ? 2
+                                                                       : 0;
 
+  // Tiles per block: one wave of resident blocks (3 per SM in pass 1, 2 in pass 2) over all heads.
+  int device = 0, sms = 0;
+  KVC_CUDA_CHECK(cudaGetDevice(&device));
+  KVC_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const auto tiles_per_block = [&](int tiles, int per_sm) {
+    const std::int64_t slots = std::max<std::int64_t>(1, std::int64_t{sms} * per_sm);
+    return static_cast<int>(std::max<std::int64_t>(1, (tiles * hkv + slots - 1) / slots));
+  };
   cudaStream_t native_stream = stream.stream;
   dispatch<HeadDims>(static_cast<int>(d), "snapkv_scores(cuda): head_dim", [&](auto head_dim) {
     constexpr int kD = decltype(head_dim)::value;
-    constexpr std::size_t kShared = window_shared_bytes<kD>();
-    auto* first = window_kernel<Native, kD, false>;
-    auto* second = window_kernel<Native, kD, true>;
+    auto* first = window_kernel<Native, kD, false, 0>;
+    constexpr std::size_t kFirstShared = window_shared_bytes<kD, false, 0>();
     KVC_CUDA_CHECK(cudaFuncSetAttribute(first, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(kShared)));
-    KVC_CUDA_CHECK(cudaFuncSetAttribute(second, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(kShared)));
-    first<<<dim3(layout.tiles, static_cast<unsigned>(hkv)), kThreads, kShared, native_stream>>>(p);
+                                        static_cast<int>(kFirstShared)));
+    p.tiles_per_block = tiles_per_block(layout.tiles, 3);
+    const int first_blocks = (layout.tiles + p.tiles_per_block - 1) / p.tiles_per_block;
+    first<<<dim3(first_blocks, static_cast<unsigned>(hkv)), kThreads, kFirstShared,
+            native_stream>>>(p);
     KVC_CUDA_CHECK_LAUNCH(native_stream);
     merge_rows_kernel<<<(layout.rows + 7) / 8, 256, 0, native_stream>>>(
         p.tile_max, p.tile_sum, p.row_max, p.row_sum, layout.rows, layout.tiles);
     KVC_CUDA_CHECK_LAUNCH(native_stream);
-    const int prefix_tiles = (p.prefix + kTileKeys - 1) / kTileKeys;
-    second<<<dim3(prefix_tiles, static_cast<unsigned>(hkv)), kThreads, kShared, native_stream>>>(p);
-    KVC_CUDA_CHECK_LAUNCH(native_stream);
+    p.tiles_per_block = tiles_per_block(p.prefix_tiles, 2);
+    const int second_blocks = (p.prefix_tiles + p.tiles_per_block - 1) / p.tiles_per_block;
+    dispatch<ValueList<0, 1, 2>>(rounding, "snapkv_scores(cuda): rounding", [&](auto mode) {
+      constexpr int kRounding = decltype(mode)::value;
+      auto* second = window_kernel<Native, kD, true, kRounding>;
+      constexpr std::size_t kShared = window_shared_bytes<kD, true, kRounding>();
+      KVC_CUDA_CHECK(cudaFuncSetAttribute(second, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(kShared)));
+      second<<<dim3(second_blocks, static_cast<unsigned>(hkv)), kThreads, kShared, native_stream>>>(
+          p);
+      KVC_CUDA_CHECK_LAUNCH(native_stream);
+    });
   });
   const std::int64_t total = s * prefix;
   pool_kernel<<<static_cast<unsigned>((total + 255) / 256), 256, 0, native_stream>>>(
@@ -515,6 +724,118 @@ __global__ void __launch_bounds__(kSelectThreads) radix_select_kernel(SelectPara
   }
 }
 
+// Rows of up to kClusterBlocks * kClusterThreads * kClusterItems scores: the same select spread
+// over a thread-block cluster of 8 blocks per row. Each thread holds a contiguous run of positions
+// in registers (read once); each block builds the digit histogram of its segment, every block sums
+// the 8 histograms through distributed shared memory and picks the digit itself (double-buffered
+// histograms: one cluster barrier per digit), and the survivors' slots add the counts of the
+// lower-ranked blocks to the block scan.
+constexpr int kClusterBlocks = 8;
+constexpr int kClusterThreads = 512;
+constexpr int kClusterItems = 32;
+
+__global__ void __cluster_dims__(kClusterBlocks, 1, 1) __launch_bounds__(kClusterThreads)
+    radix_select_cluster_kernel(SelectParams p) {
+  namespace cg = cooperative_groups;
+  cg::cluster_group cluster = cg::this_cluster();
+  using Scan = cub::BlockScan<unsigned long long, kClusterThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  __shared__ unsigned histogram[2][256];
+  __shared__ unsigned long long block_total;  // (better << 32) | equal of this block's segment
+  __shared__ unsigned chosen_prefix, chosen_remaining;
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int r = blockIdx.y, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const float* row = p.scores + r * p.row_stride;
+  std::int32_t* out = p.indices + r * p.index_row;
+  for (int t = rank * kClusterThreads + threadIdx.x; t < p.tail;
+       t += kClusterBlocks * kClusterThreads)
+    out[static_cast<std::int64_t>(p.k + t) * p.index_column] = p.tail_first + t;
+  if (p.k == 0) return;  // the whole cluster returns
+
+  const int segment = (p.n + kClusterBlocks - 1) / kClusterBlocks;    // positions per block
+  const int per = (segment + kClusterThreads - 1) / kClusterThreads;  // <= kClusterItems
+  const int segment_end = min(p.n, (rank + 1) * segment);
+  const int begin = rank * segment + static_cast<int>(threadIdx.x) * per;
+  const int count = max(0, min(per, segment_end - begin));  // this thread's positions
+  unsigned keys[kClusterItems];
+#pragma unroll
+  for (int u = 0; u < kClusterItems; ++u)
+    keys[u] = u < count ? descending_bits(row[(begin + u) * p.column_stride]) : 0xFFFFFFFFu;
+
+  unsigned prefix = 0, mask = 0, remaining = static_cast<unsigned>(p.k);
+  int parity = 0;
+  for (int shift = 24; shift >= 0; shift -= 8, parity ^= 1) {
+    unsigned* local = histogram[parity];
+    for (int b = threadIdx.x; b < 256; b += kClusterThreads) local[b] = 0;
+    __syncthreads();
+#pragma unroll
+    for (int u = 0; u < kClusterItems; ++u) {
+      if (u < count && (keys[u] & mask) == prefix) {
+        const unsigned digit = (keys[u] >> shift) & 0xFFu;
+        const unsigned peers = __match_any_sync(__activemask(), digit);
+        if (lane == __ffs(peers) - 1) atomicAdd(&local[digit], __popc(peers));
+      }
+    }
+    cluster.sync();   // every block's histogram of this digit is complete
+    if (warp == 0) {  // the digit holding the remaining-th smallest key, over the whole row
+      unsigned counts[8] = {0, 0, 0, 0, 0, 0, 0, 0}, sum = 0;
+      for (int q = 0; q < kClusterBlocks; ++q) {
+        const unsigned* remote = cluster.map_shared_rank(local, q);
+#pragma unroll
+        for (int b = 0; b < 8; ++b) counts[b] += remote[lane * 8 + b];
+      }
+#pragma unroll
+      for (int b = 0; b < 8; ++b) sum += counts[b];
+      unsigned inclusive = sum;
+#pragma unroll
+      for (int offset = 1; offset < 32; offset *= 2) {
+        const unsigned other = __shfl_up_sync(0xffffffffu, inclusive, offset);
+        if (lane >= offset) inclusive += other;
+      }
+      unsigned before = inclusive - sum;
+      if (before < remaining && remaining <= inclusive) {  // exactly one lane
+        for (int b = 0; b < 8; ++b) {
+          if (before + counts[b] >= remaining) {
+            chosen_prefix = prefix | (static_cast<unsigned>(lane * 8 + b) << shift);
+            chosen_remaining = remaining - before;
+            break;
+          }
+          before += counts[b];
+        }
+      }
+    }
+    __syncthreads();
+    prefix = chosen_prefix;
+    remaining = chosen_remaining;
+    mask |= 0xFFu << shift;
+    // The other parity's histograms are cleared next digit; they were last read before this
+    // digit's cluster barrier, so one barrier per digit suffices.
+  }
+  unsigned better = 0, equal = 0;
+#pragma unroll
+  for (int u = 0; u < kClusterItems; ++u) {
+    better += u < count && keys[u] < prefix;
+    equal += u < count && keys[u] == prefix;
+  }
+  unsigned long long before = 0, total = 0;
+  Scan(scan_storage)
+      .ExclusiveSum((static_cast<unsigned long long>(better) << 32) | equal, before, total);
+  if (threadIdx.x == 0) block_total = total;
+  cluster.sync();
+  for (int q = 0; q < rank; ++q) before += *cluster.map_shared_rank(&block_total, q);
+  unsigned equal_before = static_cast<unsigned>(before & 0xFFFFFFFFu);
+  std::int64_t slot = static_cast<std::int64_t>(before >> 32) + min(equal_before, remaining);
+#pragma unroll
+  for (int u = 0; u < kClusterItems; ++u) {
+    if (u < count) {
+      bool take = keys[u] < prefix;
+      if (keys[u] == prefix) take = equal_before++ < remaining;
+      if (take) out[slot++ * p.index_column] = begin + u;
+    }
+  }
+  cluster.sync();  // the other blocks may still read block_total
+}
+
 void check_top_k_shape(std::int64_t rows, std::int64_t n, int k, const char* who) {
   KVC_CHECK(k >= 0 && k <= n, who, ": k = ", k, " is out of range; need 0 <= k <= n = ", n);
   KVC_CHECK(n <= std::numeric_limits<std::int32_t>::max() && rows <= 0x7FFFFFFF, who,
@@ -536,7 +857,11 @@ void run_top_k(Cuda stream, DeviceView<const float, 2> scores, int k,
                  indices.strides[0],  indices.strides[1],
                  static_cast<int>(n), k,
                  tail_first,          tail};
-  radix_select_kernel<<<static_cast<unsigned>(rows), kSelectThreads, 0, stream.stream>>>(p);
+  if (n <= std::int64_t{kClusterBlocks} * kClusterThreads * kClusterItems && rows <= 65535)
+    radix_select_cluster_kernel<<<dim3(kClusterBlocks, static_cast<unsigned>(rows)),
+                                  kClusterThreads, 0, stream.stream>>>(p);
+  else
+    radix_select_kernel<<<static_cast<unsigned>(rows), kSelectThreads, 0, stream.stream>>>(p);
   KVC_CUDA_CHECK_LAUNCH(stream.stream);
 }
 
