@@ -624,6 +624,10 @@ __device__ inline void cp_async8(void* smem, const void* gmem) {
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(s), "l"(gmem));
 }
+__device__ inline void cp_async4(void* smem, const void* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem));
+}
 __device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ inline void cp_async_wait() {
@@ -813,62 +817,75 @@ __device__ void merge_warps(const Params& p, const unsigned char* warps, int war
 
 // ---- KIVI on tensor cores ----------------------------------------------------------------------
 // One block of 4 warps per (split, KV head, sequence), each warp taking 32-token tiles as above,
-// but both products run as mma.sync.m16n8k16 (f16 operands, fp32 accumulation):
+// but both products run as mma.sync.m16n8k16 (f16 operands, fp32 accumulation), n = 8 columns,
+// column j holding query head j % G (G <= 8: heads repeat across the 8 columns for G < 8):
 //   q.K: A = the tile's key codes (16 tokens x 16 channels per mma), B = q' = q s per channel of
-//        the key block (n = the G query heads, twice: see below), plus A = the block's minimums
-//        (the same row for every token) against B = q, which adds sum_c q_c m_c to every score;
-//   p.V: A = value codes (16 channels x 16 tokens), B = p' = p s per token and channel group, plus
-//        A = the tokens' minimums against B = p, which adds sum_t p_t m_t to every channel.
+//        the key block, plus A = the block's minimums (the same row for every token) against
+//        B = q, which adds sum_c q_c m_c to every score;
+//   p.V: A = value codes (16 channels x 16 tokens), B = p' = p s per token and 32-channel slot of
+//        the value groups; sum_t p_t m_t (the value minimums, one number per head and group) is
+//        summed in fp32 by each thread over its own tokens and added once at the end.
 // Codes are exact in f16: two b-bit fields of two words (two channels of one token for keys, two
 // tokens of one channel for values: the packing runs along the other axis) are brought into one
 // register with one PRMT, masked under the exponent of 1024 (x = 1024 + f * 16^k, exactly) with
-// one LOP3, and one HFMA2 by 16^-k, -1024 16^-k leaves f. The k order of an mma only has to agree
-// between A and B, so each thread's k slots are chosen to match what it loads.
-// Accuracy: a B operand x (fp32 in the kernel above) is sent as two f16 columns, hi = f16(x) and
-// lo = f16(2^11 (x - hi)), so that x = hi + 2^-11 lo to about 2^-22 |x| (the lo column is scaled
-// up so that it stays clear of f16 subnormals); n = 2 G columns, heads h and G + h. Keys: q is
-// first scaled per head by a power of two 2^E with max|q 2^E| in [2^-6, 2^-5), and q' = q s is
-// formed in f16 arithmetic: hi = q_hi s (rounded), lo = 2^11 (q_hi s - hi) + lo(q) s, the first
-// term exact by an FMA; this holds while |q' 2^E| < 32, i.e. key scales below 1024 (larger ones
-// give NaN, key_scale_out_of_range). Values:
-// p s <= s is split in fp32. Tiles are staged in shared memory with cp.async, double buffered per
-// warp; the edges (residual rows, a tile crossing qv or the end) read global memory directly.
+// one LOP3, and one HFMA2 by 16^-k, -1024 16^-k leaves f. (Skipping the OR and the HFMA2, i.e.
+// feeding the field as the f16 subnormal f 2^(s - 24) and rescaling the fp32 rows, is 1-4 % faster
+// but not exact: the H100's mma with subnormal A inputs was measured off by up to 7.6e-5 of
+// sum |a b|.) The k order of an mma only has to agree between A and B, so each thread's k slots are
+// chosen to match what it loads.
+// The softmax runs on the q.K accumulators as they lie (thread (g, t): tokens of rows g, g + 8 of
+// both m-tiles, columns 2t, 2t + 1; maxima across the 8 row groups by three shuffles), and the
+// thread that holds a column's scores also holds that column's p.V accumulators, so corrections
+// stay in registers; p' goes through a per-warp tile of token rows read back with ldmatrix.trans.
+// Accuracy: B operands are single f16 values (q' = f16(f16(q 2^E) s), p' = f16(p s) from fp32):
+// q is first scaled per head by a power of two 2^E with max|q 2^E| in [4, 8), which keeps q' clear
+// of f16 subnormals and, for key scales below 1024, of overflow; a block with a key scale at or
+// above 1024 gives NaN scores for its tiles (key_scale_out_of_range), so the (sequence, KV head)
+// gets NaN outputs, loudly, instead of silently wrong ones. The f16 rounding errors of q' and p'
+// are independent per channel and token, so they add up like a random walk (the tests' tolerances,
+// derived for fp32 products, are unchanged and hold). Tiles are staged in shared memory with
+// cp.async, double buffered per warp; the edges (residual rows, a tile crossing qv or the end) read
+// global memory directly.
 namespace kivi_mma {
 
 using namespace mma_parts;
 
+constexpr int kQTop = 3;  // max|q 2^E| in [2^2, 2^3)
+
 template <int Bits, int D, int G>
 struct Layout {
-  static constexpr int kNT = (2 * G + 7) / 8;  // n-tiles of 8 columns: hi and lo of G heads
-  static constexpr int kCols = 8 * kNT;
+  static_assert(G <= 8, "one n-tile of 8 columns holds the GQA group");
   static constexpr int kKS = D / 16;  // k-steps (keys) = m-tiles (values)
-  static constexpr int kVG = D / 32;  // most value groups per token (G >= 32)
+  static constexpr int kVS = D / 32;  // value slots of 32 channels (value groups are >= 32)
+  static constexpr int kPairs = G >= 2 ? G / 2 : 1;  // column pairs 2t, 2t + 1 of distinct heads
+  static constexpr int kTwins = 4 / kPairs;          // threads t holding the same heads
+  static constexpr int kSlotsPerLane = (kVS + kTwins - 1) / kTwins;
   // Stage: one 32-token tile.
   static constexpr int kKeyBytes = D * Bits * 4;  // per channel Bits words of 32 / Bits tokens
   static constexpr int kValRowWords = D * Bits / 32;
   static constexpr int kValBytes = 32 * kValRowWords * 4;
-  static constexpr int kKScale = kKeyBytes;
-  static constexpr int kKMin = kKScale + 2 * D;
-  static constexpr int kVal = kKMin + 2 * D;
+  // Key minimums and scales interleaved per channel pair: word 2i = minimums of channels 2i, 2i +
+  // 1, word 2i + 1 = their scales, so that one 16-byte load gives a thread both the A quad of the
+  // minimum mma (rows g + 8 unused) and the scales of its four channels.
+  static constexpr int kKPar = kKeyBytes;
+  static constexpr int kVal = kKPar + 4 * D;
   static constexpr int kVScale = kVal + kValBytes;
-  static constexpr int kVMin = kVScale + 64 * kVG;
-  static constexpr int kStageBytes = kVMin + 64 * kVG;
-  // Per warp after its two stages.
-  static constexpr int kBv = 2 * kStageBytes;              // [kVG][kCols][32] f16
-  static constexpr int kBp = kBv + kVG * kCols * 64;       // [kCols][32] f16
-  static constexpr int kMv = kBp + kCols * 64;             // [kVG][32] f16
-  static constexpr int kS = kMv + kVG * 64;                // [32][kCols + 1] f32
-  static constexpr int kCorr = kS + 32 * (kCols + 1) * 4;  // [kCols] f32
-  static constexpr int kWarpUsed = (kCorr + kCols * 4 + 15) / 16 * 16;
-  static constexpr int kAccBytes = 2 * G * D * 4;  // the end: the warp's [2 G][D] accumulators
-  static constexpr int kWarpBytes = kWarpUsed > kAccBytes ? kWarpUsed : kAccBytes;
+  static constexpr int kVMin = kVScale + 64 * kVS;
+  static constexpr int kStageBytes = kVMin + 64 * kVS;
+  // Per warp after its two stages: p' as [slot][k-step][16 k rows][8 columns] f16 (ldmatrix.trans
+  // rows of 16 bytes), then the value-minimum sums [slot][8 columns] f32 of the end.
+  static constexpr int kBv = 2 * kStageBytes;
+  static constexpr int kMvs = kBv + kVS * 512;
+  static constexpr int kWarpUsed = kMvs + kVS * 8 * 4;
+  static constexpr int kAccBytes = G * D * 4;  // the end: the warp's [G][D] accumulators
+  static_assert(kAccBytes <= kMvs, "the accumulators must not cover the minimum sums");
+  static constexpr int kWarpBytes = (kWarpUsed + 15) / 16 * 16;
   // Block part: q fragments, q, per-head factors, warp maxima and sums.
-  static constexpr int kQf = 0;                           // [kNT][kKS][32] uint4
-  static constexpr int kQl = kQf + kNT * kKS * 32 * 16;   // [kNT][kKS][32] uint2
-  static constexpr int kQRaw = kQl + kNT * kKS * 32 * 8;  // [G][D] f32
-  static constexpr int kQScale = kQRaw + G * D * 4;       // [G] 2^E
-  static constexpr int kQUnscale = kQScale + 32;          // [G] 2^-E log2(e) scale
-  static constexpr int kWMax = kQUnscale + 32;            // [4][G]
+  static constexpr int kQh = 0;                      // [kKS][32] uint2
+  static constexpr int kQRaw = kQh + kKS * 32 * 8;   // [G][D] f32
+  static constexpr int kQScale = kQRaw + G * D * 4;  // [G] 2^E
+  static constexpr int kQUnscale = kQScale + 32;     // [G] 2^-E log2(e) scale
+  static constexpr int kWMax = kQUnscale + 32;       // [4][G]
   static constexpr int kWSum = kWMax + 4 * G * 4;
   static constexpr int kBlockBytes = (kWSum + 4 * G * 4 + 127) / 128 * 128;
   static constexpr int kSmemBytes = kBlockBytes + kWarpsPerBlock * kWarpBytes;
@@ -912,37 +929,65 @@ __device__ inline Decoder make_decoder(int g) {
   return d;
 }
 
-// q' = q s for one k pair: hi columns (k = 0, QH = 0, QL = q_hi) give f16(q_hi s); lo columns
-// (k = 2^11, QH = 2^11 q_hi, QL = lo(q)) give 2^11 (q_hi s - hi) + lo(q) s.
-__device__ inline std::uint32_t q_prime(std::uint32_t qh, std::uint32_t QH, std::uint32_t QL,
-                                        std::uint32_t s, __half2 k) {
-  const __half2 hs = u2h(s);
-  const __half2 hi = __hmul2_rn(u2h(qh), hs);
-  const __half2 hk = __hmul2_rn(hi, k);
-  const __half2 e = __hfma2(u2h(QH), hs, __hneg2(hk));
-  return h2u(__hfma2(u2h(QL), hs, e));
+// Key scales at or above 1024 (a 2-bit key group spanning more than ~3000, a 4-bit one more than
+// ~15000) are outside the exact range the kernel was specified for (q' = q s must stay a finite
+// f16 with room to spare): such a block makes its tiles' scores NaN, so the (sequence, KV head)
+// gets NaN outputs instead of silently inexact ones. Per f16 pair, (x & 0x7fff) + 0x1c00 reaches
+// bit 15 exactly when |x| >= 1024 (or x is inf / NaN); OR-ed over the block's D scales.
+template <int D>
+__device__ inline bool key_scale_out_of_range(const std::uint32_t* params) {
+  std::uint32_t wide = 0;
+#pragma unroll
+  for (int j = 0; j < D / 64; ++j)
+    wide |= (params[2 * (threadIdx.x % 32 + 32 * j) + 1] & 0x7fff7fffu) + 0x1c001c00u;
+  return __any_sync(kFull, (wide & 0x80008000u) != 0u);
 }
 
-// Key scales at or above 1024 (a 2-bit key group spanning more than ~3000, a 4-bit one more than
-// ~15000) are outside q_prime's exact range (its 2^11 hi product would overflow f16): such a
-// block turns its B operand into NaN, so the (sequence, KV head) gets NaN outputs, loudly, instead
-// of silently wrong scores.
-__device__ inline bool key_scale_out_of_range(uint2 scales) {
-  const auto big = [](std::uint32_t pair) {
-    return (pair & 0x7fffu) >= 0x6400u || ((pair >> 16) & 0x7fffu) >= 0x6400u;
-  };
-  return big(scales.x) || big(scales.y);
+__device__ inline float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 }
-constexpr std::uint32_t kNanPair = 0x7e007e00u;
+
+// The block merges its warps' [G][D] accumulators (warp w's at warps + w * warp_bytes) and writes
+// the output or its split's partials.
+template <int D, int G>
+__device__ void merge_warps_kivi(const Params& p, const unsigned char* warps, int warp_bytes,
+                                 const float* wmax, const float* wsum, bool valid, int b,
+                                 int kv_head, int split) {
+  for (int i = threadIdx.x; i < G * D; i += kWarpsPerBlock * 32) {
+    const int h = i / D, d = i % D;
+    float block_max = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarpsPerBlock; ++w) block_max = fmaxf(block_max, wmax[w * G + h]);
+    // Every maximum -inf: the sums and accumulators are 0, or NaN (NaN scores), which must stay.
+    float sum = 0.0f, total = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarpsPerBlock; ++w) {
+      const float weight = block_max == -INFINITY ? 1.0f : exp2f(wmax[w * G + h] - block_max);
+      const auto* Ww = reinterpret_cast<const float*>(warps + w * warp_bytes);
+      sum = fmaf(wsum[w * G + h], weight, sum);
+      total = fmaf(Ww[h * D + d], weight, total);
+    }
+    write_result<D>(p, valid, total, sum, block_max, b, kv_head * G + h, split, d);
+  }
+}
+
+// Blocks per SM the register budget is set for: 4 (128 registers; 5 blocks at 96 registers spill
+// and measured slower on the H100, 2-bit 0.142 against 0.131 ms at batch 8, 32K), 3 for G = 8.
+template <int G>
+constexpr int kivi_min_blocks() {
+  return G >= 8 ? 3 : 4;
+}
 
 template <int Bits, int D, int G>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32, G >= 8 ? 2 : 4) kivi_mma_kernel(Params p) {
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
+    kivi_mma_kernel(Params p) {
   using L = Layout<Bits, D, G>;
-  constexpr int kNT = L::kNT, kCols = L::kCols, kKS = L::kKS;
+  constexpr int kKS = L::kKS, kVS = L::kVS, kTwins = L::kTwins, kSPL = L::kSlotsPerLane;
   constexpr int kRW = L::kValRowWords;
   extern __shared__ __align__(16) unsigned char smem[];
-  auto* qf = reinterpret_cast<uint4*>(smem + L::kQf);
-  auto* ql = reinterpret_cast<uint2*>(smem + L::kQl);
+  auto* qh = reinterpret_cast<uint2*>(smem + L::kQh);
   auto* q_raw = reinterpret_cast<float*>(smem + L::kQRaw);
   auto* q_scale = reinterpret_cast<float*>(smem + L::kQScale);
   auto* q_unscale = reinterpret_cast<float*>(smem + L::kQUnscale);
@@ -953,11 +998,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, G >= 8 ? 2 : 4) kivi_mma_
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane >> 2, t = lane & 3;
   unsigned char* wbase = smem + L::kBlockBytes + warp * L::kWarpBytes;
-  auto* Bv = reinterpret_cast<__half*>(wbase + L::kBv);
-  auto* Bp = reinterpret_cast<__half*>(wbase + L::kBp);
-  auto* Mv = reinterpret_cast<__half*>(wbase + L::kMv);
-  auto* S = reinterpret_cast<float*>(wbase + L::kS);
-  auto* corr_s = reinterpret_cast<float*>(wbase + L::kCorr);
+  unsigned char* Bv = wbase + L::kBv;
+  auto* mvs = reinterpret_cast<float*>(wbase + L::kMvs);
 
   const int n = p.lengths.at(b, kv_head);
   const int qk = p.quantized_keys.at(b, kv_head);
@@ -978,52 +1020,57 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, G >= 8 ? 2 : 4) kivi_mma_
   const unsigned char* v_min = p.v.minimum.at(b, kv_head);
   const auto* v_res = reinterpret_cast<const __half*>(p.v.residual.at(b, kv_head));
 
-  // q, its per-head power-of-two scale, and the B fragments of q (hi, 2^11 hi, lo per column).
-  load_q_scaled<D, G>(p, b, kv_head, -5, p.scale_log2, q_raw, q_scale, q_unscale);
-  build_q_fragments<D, G>(q_raw, q_scale, qf, ql,
-                          [](int s, int t, int i) { return 16 * s + 4 * t + i; });
-  // The warp's B tiles start at zero: padding columns (>= 2 G) stay zero.
-  for (int i = lane; i < (L::kS - L::kBv) / 4; i += 32)
-    reinterpret_cast<std::uint32_t*>(wbase + L::kBv)[i] = 0u;
-  if (lane < kCols) corr_s[lane] = 1.0f;
+  // q, its per-head power-of-two scale, and the B fragments of q: thread (g, t) of k-step s holds
+  // column g (head g % G), channels 16 s + 4 t + 0 .. 3 (k slots 2t, 2t + 1, 2t + 8, 2t + 9).
+  load_q_scaled<D, G>(p, b, kv_head, kQTop, p.scale_log2, q_raw, q_scale, q_unscale);
+  for (int idx = threadIdx.x; idx < kKS * 32; idx += kWarpsPerBlock * 32) {
+    const int ln = idx % 32, s = idx / 32, h = (ln >> 2) % G;
+    const float* qr = q_raw + h * D + 16 * s + 4 * (ln & 3);
+    const float f = q_scale[h];
+    qh[idx] = make_uint2(h2u(__floats2half2_rn(qr[0] * f, qr[1] * f)),
+                         h2u(__floats2half2_rn(qr[2] * f, qr[3] * f)));
+  }
+  // The warp's p' tile starts at zero: columns no thread writes (2 kPairs and up) stay zero.
+  for (int i = lane; i < kVS * 512 / 16; i += 32)
+    reinterpret_cast<uint4*>(Bv)[i] = make_uint4(0u, 0u, 0u, 0u);
   __syncthreads();
 
   const Decoder dec = make_decoder<Bits>(g);
   // Rows g and g + 8 of an m-tile: tokens (keys) or channels (values) 2g, 2g + 1 (2-bit: one
   // nibble) or g, g + 8 (4-bit: one field of each of two words).
   const int rho0 = Bits == 2 ? 2 * g : g, rho1 = Bits == 2 ? 2 * g + 1 : g + 8;
-  __half2 kfac[kNT];
-#pragma unroll
-  for (int j = 0; j < kNT; ++j) {
-    const int col = 8 * j + g;
-    kfac[j] = __float2half2_rn(col >= G && col < 2 * G ? 2048.0f : 0.0f);
-  }
-  // This lane's token in the k order of the p.V mma: slots 2t, 2t + 1, 2t + 8, 2t + 9 of k-step
-  // ks hold tokens 16 ks + t + {0, 4, 8, 12}, and the B / A tiles store those four slots side by
-  // side (at 16 ks + 4 t), so that a thread's b0, b1 are one 8-byte load.
-  const int pos = [&] {
-    const int u = lane & 15;
-    return 16 * (lane >> 4) + 4 * (u & 3) + 2 * (u >> 3) + ((u >> 2) & 1);
-  }();
+  // This thread's score / output columns 2t + c, c = 0, 1: heads (2t + c) % G.
+  const float unscale[2] = {q_unscale[(2 * t) % G], q_unscale[(2 * t + 1) % G]};
+  // p' columns this thread writes (2 pair, 2 pair + 1: the same heads) and the value slots it
+  // takes (twin kSPL + k; twins split the slots between them).
+  const int pair = t % L::kPairs, twin = t / L::kPairs;
+  // The k order of the p.V mma: thread t's slots 2t, 2t + 1, 2t + 8, 2t + 9 hold tokens t, t + 4,
+  // t + 8, t + 12 of the k-step (what its value-code loads give), so token r sits in k row:
+  const auto krow = [](int r) { return 8 * (r >> 3) + 2 * (r & 3) + ((r >> 2) & 1); };
 
-  float acc[kKS][kNT][4];
+  float acc[kKS][4];  // p.V: m-tile i (channels 16 i + rho0 / rho1), columns 2t, 2t + 1
 #pragma unroll
   for (int i = 0; i < kKS; ++i)
 #pragma unroll
-    for (int j = 0; j < kNT; ++j)
+    for (int r = 0; r < 4; ++r) acc[i][r] = 0.0f;
+  float run_max[2] = {-INFINITY, -INFINITY}, run_sum[2] = {0.0f, 0.0f};
+  float mv[kSPL][2];  // sum_t p_t m_t of this thread's tokens per slot and column
 #pragma unroll
-      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0.0f;
-  float run_max[G], run_sum[G];
-#pragma unroll
-  for (int h = 0; h < G; ++h) run_max[h] = -INFINITY, run_sum[h] = 0.0f;
+  for (int k = 0; k < kSPL; ++k) mv[k][0] = mv[k][1] = 0.0f;
 
   auto stage_ptr = [&](int st) { return wbase + st * L::kStageBytes; };
+  // (KIVI groups are 32, 64 or 128 tokens / channels: powers of two.)
+  const int group_log2 = __ffs(p.group) - 1, row_words = p.group * Bits / 32;
+  const int slot_shift = group_log2 - 5;  // value slot (32 channels) -> value group
   auto issue = [&](int t0, unsigned char* st) {
     if (t0 < qk) {
-      const int blk = t0 / p.group, row_words = p.group * Bits / 32;
+      const int blk = t0 >> group_log2;
       const auto* src = reinterpret_cast<const std::uint32_t*>(k_codes) +
-                        static_cast<std::int64_t>(blk) * D * row_words + (t0 % p.group) * Bits / 32;
-      for (int c = lane; c < D; c += 32) {
+                        static_cast<std::int64_t>(blk) * D * row_words +
+                        (((t0 & (p.group - 1)) * Bits) >> 5);
+#pragma unroll
+      for (int j = 0; j < D / 32; ++j) {
+        const int c = lane + 32 * j;
         if constexpr (Bits == 2)
           cp_async8(st + c * 8, src + c * row_words);
         else
@@ -1031,19 +1078,22 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, G >= 8 ? 2 : 4) kivi_mma_
       }
       const unsigned char* ks = k_scale + static_cast<std::int64_t>(blk) * D * 2;
       const unsigned char* km = k_min + static_cast<std::int64_t>(blk) * D * 2;
-      for (int i = lane; i < D / 8; i += 32) {
-        cp_async16(st + L::kKScale + 16 * i, ks + 16 * i);
-        cp_async16(st + L::kKMin + 16 * i, km + 16 * i);
+#pragma unroll
+      for (int j = 0; j < D / 64; ++j) {
+        const int i = lane + 32 * j;
+        cp_async4(st + L::kKPar + 8 * i, km + 4 * i);
+        cp_async4(st + L::kKPar + 8 * i + 4, ks + 4 * i);
       }
     }
     if (t0 + 32 <= vq_end) {
       const unsigned char* src = v_codes + static_cast<std::int64_t>(t0) * kRW * 4;
-      for (int i = lane; i < L::kValBytes / 16; i += 32)
-        cp_async16(st + L::kVal + 16 * i, src + 16 * i);
+#pragma unroll
+      for (int j = 0; j < L::kValBytes / (16 * 32); ++j)
+        cp_async16(st + L::kVal + 16 * (lane + 32 * j), src + 16 * (lane + 32 * j));
       const std::int64_t off = static_cast<std::int64_t>(t0) * value_groups * 2;
-      for (int i = lane; i < 4 * value_groups; i += 32) {
-        cp_async16(st + L::kVScale + 16 * i, v_scale + off + 16 * i);
-        cp_async16(st + L::kVMin + 16 * i, v_min + off + 16 * i);
+      if (lane < 4 * value_groups) {
+        cp_async16(st + L::kVScale + 16 * lane, v_scale + off + 16 * lane);
+        cp_async16(st + L::kVMin + 16 * lane, v_min + off + 16 * lane);
       }
     }
   };
@@ -1060,40 +1110,26 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, G >= 8 ? 2 : 4) kivi_mma_
     const unsigned char* st = stage_ptr(stage);
 
     // ---- scores of the 32 tokens: two m-tiles of 16 tokens
-    float sc[2][kNT][4];
+    float sc[2][4];
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-      for (int j = 0; j < kNT; ++j)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) sc[mt][j][r] = 0.0f;
+      for (int r = 0; r < 4; ++r) sc[mt][r] = 0.0f;
     const bool key_quantized = t0 < qk;
     if (key_quantized) {
       // sum_c q_c m_c: the same for every token, one accumulator for both m-tiles.
-      float kbias[kNT][4];
-#pragma unroll
-      for (int j = 0; j < kNT; ++j)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) kbias[j][r] = 0.0f;
+      float kbias[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       const auto* kw = reinterpret_cast<const std::uint32_t*>(st);
-      const auto* ksc = reinterpret_cast<const std::uint32_t*>(st + L::kKScale);
-      const auto* kmn = reinterpret_cast<const std::uint32_t*>(st + L::kKMin);
+      const auto* kpar = reinterpret_cast<const std::uint32_t*>(st + L::kKPar);
+      const bool out_of_range = key_scale_out_of_range<D>(kpar);
 #pragma unroll
       for (int s = 0; s < kKS; ++s) {
         const int c0 = 16 * s + 4 * t;  // this thread's channels c0 .. c0 + 3
-        const uint2 s2 = *reinterpret_cast<const uint2*>(ksc + c0 / 2);
-        const uint2 m2 = *reinterpret_cast<const uint2*>(kmn + c0 / 2);
-        std::uint32_t bq[kNT][2], bl[kNT][2];
-        const bool out_of_range = key_scale_out_of_range(s2);
-#pragma unroll
-        for (int j = 0; j < kNT; ++j) {
-          const uint4 f = qf[(j * kKS + s) * 32 + lane];
-          const uint2 l = ql[(j * kKS + s) * 32 + lane];
-          bq[j][0] = out_of_range ? kNanPair : q_prime(f.x, f.z, l.x, s2.x, kfac[j]);
-          bq[j][1] = out_of_range ? kNanPair : q_prime(f.y, f.w, l.y, s2.y, kfac[j]);
-          bl[j][0] = l.x;
-          bl[j][1] = l.y;
-        }
+        // (m01, s01, m23, s23): minimums and scales of channels c0, c0 + 1 and c0 + 2, c0 + 3.
+        const uint4 ms = *reinterpret_cast<const uint4*>(kpar + c0);
+        const uint2 q2 = qh[s * 32 + lane];
+        const std::uint32_t b0 = h2u(__hmul2(u2h(q2.x), u2h(ms.y)));
+        const std::uint32_t b1 = h2u(__hmul2(u2h(q2.y), u2h(ms.w)));
         std::uint32_t a[2][4];
         if constexpr (Bits == 2) {
           // [channel][2 words]: word m-tile mt of channels c0 .. c0 + 3.
@@ -1123,20 +1159,17 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, G >= 8 ? 2 : 4) kivi_mma_
           a[1][2] = dec.row0(dec.pair(w2.z, w3.z));
           a[1][3] = dec.row0(dec.pair(w2.w, w3.w));
         }
+        // Rows g only (rows g + 8 get scales in their A slots and are not used).
+        mma16816(kbias, ms.x, ms.y, ms.z, ms.w, q2.x, q2.y);
 #pragma unroll
-        for (int j = 0; j < kNT; ++j) {
-          mma16816(kbias[j], m2.x, m2.x, m2.y, m2.y, bl[j][0], bl[j][1]);
-#pragma unroll
-          for (int mt = 0; mt < 2; ++mt)
-            mma16816(sc[mt][j], a[mt][0], a[mt][1], a[mt][2], a[mt][3], bq[j][0], bq[j][1]);
-        }
+        for (int mt = 0; mt < 2; ++mt)
+          mma16816(sc[mt], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b0, b1);
       }
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-        for (int j = 0; j < kNT; ++j)
-#pragma unroll
-          for (int r = 0; r < 4; ++r) sc[mt][j][r] += kbias[j][r];
+        for (int r = 0; r < 4; ++r)
+          sc[mt][r] = out_of_range ? __int_as_float(0x7fc00000) : sc[mt][r] + kbias[r & 1];
     } else {
       // f16 residual rows (tokens >= qk), rows g and g + 8 of each m-tile; none past the end.
 #pragma unroll
@@ -1149,81 +1182,112 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, G >= 8 ? 2 : 4) kivi_mma_
           const int c0 = 16 * s + 4 * t;
           const uint2 v0 = r0 < end ? *reinterpret_cast<const uint2*>(row0 + c0) : make_uint2(0, 0);
           const uint2 v1 = r1 < end ? *reinterpret_cast<const uint2*>(row1 + c0) : make_uint2(0, 0);
-#pragma unroll
-          for (int j = 0; j < kNT; ++j) {
-            const uint2 l = ql[(j * kKS + s) * 32 + lane];
-            mma16816(sc[mt][j], v0.x, v1.x, v0.y, v1.y, l.x, l.y);
-          }
+          const uint2 q2 = qh[s * 32 + lane];
+          mma16816(sc[mt], v0.x, v1.x, v0.y, v1.y, q2.x, q2.y);
         }
       }
     }
-    {
-      const int tr0 = key_quantized ? rho0 : g, tr1 = key_quantized ? rho1 : g + 8;
+    // Token (within the tile) of row g / g + 8 of m-tile mt: 16 mt + tr0 / tr1.
+    const int tr0 = key_quantized ? rho0 : g, tr1 = key_quantized ? rho1 : g + 8;
+    if (t0 + 32 > end) {
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        if (t0 + 16 * mt + tr0 >= end) sc[mt][0] = sc[mt][1] = -INFINITY;
+        if (t0 + 16 * mt + tr1 >= end) sc[mt][2] = sc[mt][3] = -INFINITY;
+      }
+    }
+
+    // ---- online softmax on the accumulators: column c = entries c, c + 2 of both m-tiles
+    float corr[2];
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      float mx = fmaxf(fmaxf(sc[0][c], sc[0][c + 2]), fmaxf(sc[1][c], sc[1][c + 2]));
+      mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 4));
+      mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 8));
+      mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 16));
+      const float new_max = fmaxf(run_max[c], mx * unscale[c]);
+      corr[c] = fast_exp2(run_max[c] - new_max);
+      float sum = 0.0f;
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-        for (int j = 0; j < kNT; ++j) {
-          float* s0 = S + (16 * mt + tr0) * (kCols + 1) + 8 * j + 2 * t;
-          float* s1 = S + (16 * mt + tr1) * (kCols + 1) + 8 * j + 2 * t;
-          s0[0] = sc[mt][j][0], s0[1] = sc[mt][j][1];
-          s1[0] = sc[mt][j][2], s1[1] = sc[mt][j][3];
+        for (int r = c; r < 4; r += 2) {
+          sc[mt][r] = fast_exp2(fmaf(sc[mt][r], unscale[c], -new_max));
+          sum += sc[mt][r];
         }
+      run_sum[c] = fmaf(run_sum[c], corr[c], sum);
+      run_max[c] = new_max;
     }
-    __syncwarp();
-
-    // ---- online softmax: lane = token t0 + lane
-    const int tok = t0 + lane;
-    float prob[G];
-    const bool rescale =
-        softmax_tile<G, kCols>(S, q_unscale, tok < end, run_max, run_sum, prob, corr_s);
-    // p' = p s (hi, lo) per value group, p (hi, lo), minimums, into the B / A tiles.
-    const bool values_fast = t0 + 32 <= vq_end;
-    for (int vg = 0; vg < value_groups; ++vg) {
-      float s = 0.0f, m = 0.0f;
-      if (values_fast) {
-        s = __half2float(
-            reinterpret_cast<const __half*>(st + L::kVScale)[lane * value_groups + vg]);
-        m = __half2float(reinterpret_cast<const __half*>(st + L::kVMin)[lane * value_groups + vg]);
-      } else if (tok < qv) {
-        const std::int64_t at = static_cast<std::int64_t>(tok) * value_groups + vg;
-        s = __half2float(reinterpret_cast<const __half*>(v_scale)[at]);
-        m = __half2float(reinterpret_cast<const __half*>(v_min)[at]);
-      } else if (tok < end) {
-        s = 1.0f;
+    if (__any_sync(kFull, corr[0] != 1.0f || corr[1] != 1.0f)) {
+#pragma unroll
+      for (int i = 0; i < kKS; ++i) {
+        acc[i][0] *= corr[0], acc[i][1] *= corr[1];
+        acc[i][2] *= corr[0], acc[i][3] *= corr[1];
       }
 #pragma unroll
-      for (int h = 0; h < G; ++h)
-        put_hi_lo(&Bv[(vg * kCols + h) * 32 + pos], &Bv[(vg * kCols + G + h) * 32 + pos],
-                  prob[h] * s);
-      Mv[vg * 32 + pos] = __float2half_rn(m);
-    }
-#pragma unroll
-    for (int h = 0; h < G; ++h) put_hi_lo(&Bp[h * 32 + pos], &Bp[(G + h) * 32 + pos], prob[h]);
-    __syncwarp();
-    if (rescale) {
-      rescale_acc(acc, corr_s, t);
+      for (int k = 0; k < kSPL; ++k) mv[k][0] *= corr[0], mv[k][1] *= corr[1];
     }
 
-    // ---- p.V: per k-step of 16 tokens, m-tiles of 16 channels
+    // ---- p' = p s of this thread's 4 tokens and 2 columns into the p' tile, p m into mv
+    const bool values_fast = t0 + 32 <= vq_end;
+    // params(tk, vg, s, m): scale and minimum of tile token tk, value group vg.
+    auto write_p = [&](auto&& params) {
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int row = 0; row < 2; ++row) {
+          const int r = row ? tr1 : tr0, tk = 16 * mt + r;
+          const float p0 = sc[mt][2 * row], p1 = sc[mt][2 * row + 1];
+          unsigned char* dst = Bv + (16 * mt + krow(r)) * 16 + 4 * pair;
+#pragma unroll
+          for (int k = 0; k < kSPL; ++k) {
+            const int vs = twin * kSPL + k;
+            if (kSPL * kTwins == kVS || vs < kVS) {
+              float s, m;
+              params(tk, vs >> slot_shift, s, m);
+              *reinterpret_cast<std::uint32_t*>(dst + vs * 512) =
+                  h2u(__floats2half2_rn(p0 * s, p1 * s));
+              mv[k][0] = fmaf(p0, m, mv[k][0]);
+              mv[k][1] = fmaf(p1, m, mv[k][1]);
+            }
+          }
+        }
+    };
+    if (values_fast) {
+      const auto* vsc = reinterpret_cast<const __half*>(st + L::kVScale);
+      const auto* vmn = reinterpret_cast<const __half*>(st + L::kVMin);
+      write_p([&](int tk, int vg, float& s, float& m) {
+        s = __half2float(vsc[tk * value_groups + vg]);
+        m = __half2float(vmn[tk * value_groups + vg]);
+      });
+    } else {
+      write_p([&](int tk, int vg, float& s, float& m) {
+        const int tok = t0 + tk;
+        s = 0.0f, m = 0.0f;
+        if (tok < qv) {
+          const std::int64_t at = static_cast<std::int64_t>(tok) * value_groups + vg;
+          s = __half2float(reinterpret_cast<const __half*>(v_scale)[at]);
+          m = __half2float(reinterpret_cast<const __half*>(v_min)[at]);
+        } else if (tok < end) {
+          s = 1.0f;
+        }
+      });
+    }
+    __syncwarp();
+
+    // ---- p.V: per k-step of 16 tokens, m-tiles of 16 channels (m-tile i: value slot i / 2)
 #pragma unroll
     for (int ks = 0; ks < 2; ++ks) {
-      const int kb = 16 * ks + 4 * t;
-      uint2 bp[kNT];
+      std::uint32_t bv[kVS][2];
 #pragma unroll
-      for (int j = 0; j < kNT; ++j)
-        bp[j] = *reinterpret_cast<const uint2*>(Bp + (8 * j + g) * 32 + kb);
-      // The m-tile's value group: m-tiles of 16 channels never straddle a group (G % 32 == 0).
-      auto mma_tile = [&](int i, std::uint32_t a0, std::uint32_t a1, std::uint32_t a2,
-                          std::uint32_t a3) {
-        const int vg = (16 * i) / p.group;
-        const uint2 am = *reinterpret_cast<const uint2*>(Mv + vg * 32 + kb);
-#pragma unroll
-        for (int j = 0; j < kNT; ++j) {
-          const uint2 bv = *reinterpret_cast<const uint2*>(Bv + (vg * kCols + 8 * j + g) * 32 + kb);
-          mma16816(acc[i][j], a0, a1, a2, a3, bv.x, bv.y);
-          mma16816(acc[i][j], am.x, am.x, am.y, am.y, bp[j].x, bp[j].y);
-        }
-      };
+      for (int v2 = 0; v2 < kVS; v2 += 2) {
+        // Lanes 8m .. 8m + 7 address matrix m: slot v2 + m / 2, k rows 8 (m & 1) + 0 .. 7.
+        const int m = lane >> 3;
+        std::uint32_t r[4];
+        ldmatrix_x4_trans(r,
+                          Bv + (v2 + (m >> 1)) * 512 + (16 * ks + 8 * (m & 1) + (lane & 7)) * 16);
+        bv[v2][0] = r[0], bv[v2][1] = r[1], bv[v2 + 1][0] = r[2], bv[v2 + 1][1] = r[3];
+      }
       if (values_fast) {
         const auto* vw = reinterpret_cast<const std::uint32_t*>(st + L::kVal);
         const std::uint32_t* rows[4];
@@ -1241,17 +1305,21 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, G >= 8 ? 2 : 4) kivi_mma_
           if constexpr (Bits == 2) {
 #pragma unroll
             for (int q = 0; q < 4; ++q) {  // word q of the chunk = m-tile 4 c4 + q
+              const int i = 4 * c4 + q;
               const std::uint32_t x01 = dec.pair(w[0][q], w[1][q]);
               const std::uint32_t x23 = dec.pair(w[2][q], w[3][q]);
-              mma_tile(4 * c4 + q, dec.row0(x01), dec.row1(x01), dec.row0(x23), dec.row1(x23));
+              mma16816(acc[i], dec.row0(x01), dec.row1(x01), dec.row0(x23), dec.row1(x23),
+                       bv[i / 2][0], bv[i / 2][1]);
             }
           } else {
 #pragma unroll
             for (int q = 0; q < 2; ++q) {  // words 2q, 2q + 1 = m-tile 2 c4 + q
-              mma_tile(2 * c4 + q, dec.row0(dec.pair(w[0][2 * q], w[1][2 * q])),
+              const int i = 2 * c4 + q;
+              mma16816(acc[i], dec.row0(dec.pair(w[0][2 * q], w[1][2 * q])),
                        dec.row0(dec.pair(w[0][2 * q + 1], w[1][2 * q + 1])),
                        dec.row0(dec.pair(w[2][2 * q], w[3][2 * q])),
-                       dec.row0(dec.pair(w[2][2 * q + 1], w[3][2 * q + 1])));
+                       dec.row0(dec.pair(w[2][2 * q + 1], w[3][2 * q + 1])), bv[i / 2][0],
+                       bv[i / 2][1]);
             }
           }
         }
@@ -1273,10 +1341,11 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, G >= 8 ? 2 : 4) kivi_mma_
 #pragma unroll
         for (int i = 0; i < kKS; ++i) {
           const int ch0 = 16 * i + rho0, ch1 = 16 * i + rho1;
-          mma_tile(i, pack_halves(element(tk0, ch0), element(tk0 + 4, ch0)),
+          mma16816(acc[i], pack_halves(element(tk0, ch0), element(tk0 + 4, ch0)),
                    pack_halves(element(tk0, ch1), element(tk0 + 4, ch1)),
                    pack_halves(element(tk0 + 8, ch0), element(tk0 + 12, ch0)),
-                   pack_halves(element(tk0 + 8, ch1), element(tk0 + 12, ch1)));
+                   pack_halves(element(tk0 + 8, ch1), element(tk0 + 12, ch1)), bv[i / 2][0],
+                   bv[i / 2][1]);
         }
       }
     }
@@ -1286,32 +1355,44 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, G >= 8 ? 2 : 4) kivi_mma_
   cp_async_wait<0>();
   __syncwarp();
 
-  // ---- the warp's accumulators [2 G][D] into its (now free) shared memory, then the block merge
+  // ---- the warp's sums over its row groups, its accumulators [G][D] (plus the value minimums'
+  // sums of their slot) into its (now free) shared memory, then the block merge
 #pragma unroll
-  for (int h = 0; h < G; ++h) run_sum[h] = warp_sum(run_sum[h]);
+  for (int c = 0; c < 2; ++c) {
+#pragma unroll
+    for (int x = 4; x < 32; x *= 2) {
+      run_sum[c] += __shfl_xor_sync(kFull, run_sum[c], x);
+#pragma unroll
+      for (int k = 0; k < kSPL; ++k) mv[k][c] += __shfl_xor_sync(kFull, mv[k][c], x);
+    }
+  }
+  if (g == 0) {
+#pragma unroll
+    for (int k = 0; k < kSPL; ++k) {
+      const int vs = twin * kSPL + k;
+      if (kSPL * kTwins == kVS || vs < kVS)
+        mvs[vs * 8 + 2 * pair] = mv[k][0], mvs[vs * 8 + 2 * pair + 1] = mv[k][1];
+    }
+    if (t < L::kPairs) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c)
+        if (2 * t + c < G)
+          wmax[warp * G + 2 * t + c] = run_max[c], wsum[warp * G + 2 * t + c] = run_sum[c];
+    }
+  }
+  __syncwarp();
   auto* W = reinterpret_cast<float*>(wbase);
 #pragma unroll
   for (int i = 0; i < kKS; ++i)
 #pragma unroll
-    for (int j = 0; j < kNT; ++j)
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int col = 8 * j + 2 * t + (r & 1);
-        const int ch = 16 * i + (r < 2 ? rho0 : rho1);
-        if (col < 2 * G) W[col * D + ch] = acc[i][j][r];
-      }
-  if (lane == 0) {
-#pragma unroll
-    for (int h = 0; h < G; ++h) {
-      wmax[warp * G + h] = run_max[h];
-      wsum[warp * G + h] = run_sum[h];
+    for (int r = 0; r < 4; ++r) {
+      const int col = 2 * t + (r & 1);
+      const int ch = 16 * i + (r < 2 ? rho0 : rho1);
+      if (col < G) W[col * D + ch] = acc[i][r] + mvs[(i / 2) * 8 + col];
     }
-  }
-  // (store_warp's work, kept inline here: as a call it costs this kernel a 12-byte spill at its
-  // 128-register cap, ptxas 13.0)
   __syncthreads();
-  merge_warps<D, G>(p, smem + L::kBlockBytes, L::kWarpBytes, wmax, wsum, 1.0f, valid, b, kv_head,
-                    split);
+  merge_warps_kivi<D, G>(p, smem + L::kBlockBytes, L::kWarpBytes, wmax, wsum, valid, b, kv_head,
+                         split);
 }
 
 }  // namespace kivi_mma
@@ -1957,8 +2038,56 @@ void launch_mma(const Params& p, const Common& c, Cuda stream, Pick pick) {
   });
 }
 
+// The KIVI kernel's blocks are few per SM (registers): of the split counts up to the common plan's
+// (which sized the workspace), take the one whose blocks fill their last wave best (a last wave 6 %
+// full costs nearly a whole block time), and of those about as good the fewest (longer splits
+// spread each block's q setup and final merge over more tiles; measured on the H100, batch 8 at
+// 32K: 8 splits in one wave beat 16 in two by 4 %).
+Params kivi_splits(const Params& p, int kv_heads, int smem_bytes, int min_blocks) {
+  Params q = p;
+  int device = 0, shared_per_sm = 0;
+  KVC_CUDA_CHECK(cudaGetDevice(&device));
+  KVC_CUDA_CHECK(
+      cudaDeviceGetAttribute(&shared_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  // 1 KB per block is reserved by the system (sm_80 and later).
+  const int per_sm = std::max(1, std::min(min_blocks, shared_per_sm / (smem_bytes + 1024)));
+  const double slots = static_cast<double>(per_sm) * split_merge::multiprocessors();
+  const int pairs = std::max(1, p.batch * kv_heads), step = kWarps * kTile;
+  const int length = std::max(p.max_length, 1);
+  // fill(s): how full the last wave of s splits is (0 where s splits are not a plan of their own).
+  auto fill = [&](int s, int* chunk_out) {
+    int chunk = std::max((length + s - 1) / s, split_merge::kMinChunk);
+    chunk = (chunk + step - 1) / step * step;
+    if ((length + chunk - 1) / chunk != s) return 0.0;
+    const double waves = pairs * static_cast<double>(s) / slots;
+    *chunk_out = chunk;
+    return waves / std::ceil(waves);
+  };
+  double top = 0.0;
+  int chunk = 0;
+  for (int s = 1; s <= p.splits; ++s) top = std::max(top, fill(s, &chunk));
+  for (int s = 1; s <= p.splits; ++s)
+    if (fill(s, &chunk) >= top - 0.02) {
+      q.chunk = chunk, q.splits = s;
+      break;
+    }
+  return q;
+}
+
 template <int Bits>
-void launch_kivi_mma(const Params& p, const Common& c, Cuda stream) {
+void launch_kivi_mma(const Params& p0, const Common& c, Cuda stream) {
+  int smem = 0, min_blocks = 1;
+  const std::string head_dim_name = std::string(c.op) + ": head_dim";
+  const std::string group_name = std::string(c.op) + ": Hq / Hkv";
+  dispatch<HeadDims>(static_cast<int>(c.d), head_dim_name.c_str(), [&](auto head_dim) {
+    dispatch<GroupSizes>(
+        static_cast<int>(c.q_heads / c.kv_heads), group_name.c_str(), [&](auto group) {
+          constexpr int kD = decltype(head_dim)::value, kG = decltype(group)::value;
+          smem = kivi_mma::Layout<Bits, kD, kG>::kSmemBytes;
+          min_blocks = kivi_mma::kivi_min_blocks<kG>();
+        });
+  });
+  const Params p = kivi_splits(p0, static_cast<int>(c.kv_heads), smem, min_blocks);
   launch_mma(p, c, stream, [](auto head_dim, auto group) {
     constexpr int kD = decltype(head_dim)::value, kG = decltype(group)::value;
     constexpr int kBytes = kivi_mma::Layout<Bits, kD, kG>::kSmemBytes;
