@@ -640,6 +640,34 @@ struct SelectParams {
   int n, k, tail_first, tail;
 };
 
+// Warp 0's step of the radix select: lane l holds the counts of digits 8l .. 8l + 7 among the keys
+// still matching `prefix`. Finds the digit holding the remaining-th smallest key and stores the
+// prefix extended by it and the rank left within it (exactly one lane stores).
+__device__ inline void choose_digit(const unsigned (&counts)[8], int lane, unsigned prefix,
+                                    int shift, unsigned remaining, unsigned& chosen_prefix,
+                                    unsigned& chosen_remaining) {
+  unsigned local = 0;
+#pragma unroll
+  for (int b = 0; b < 8; ++b) local += counts[b];
+  unsigned inclusive = local;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset *= 2) {
+    const unsigned other = __shfl_up_sync(0xffffffffu, inclusive, offset);
+    if (lane >= offset) inclusive += other;
+  }
+  unsigned before = inclusive - local;
+  if (before < remaining && remaining <= inclusive) {
+    for (int b = 0; b < 8; ++b) {
+      if (before + counts[b] >= remaining) {
+        chosen_prefix = prefix | (static_cast<unsigned>(lane * 8 + b) << shift);
+        chosen_remaining = remaining - before;
+        return;
+      }
+      before += counts[b];
+    }
+  }
+}
+
 // One block per row: a radix select on the 32-bit descending keys (four 8-bit digits, most
 // significant first) finds the k-th key; then each thread takes a contiguous run of positions and
 // one block scan of (better, equal) counts places the survivors in ascending position, the equal
@@ -672,30 +700,10 @@ __global__ void __launch_bounds__(kSelectThreads) radix_select_kernel(SelectPara
     }
     __syncthreads();
     if (warp == 0) {  // the digit holding the remaining-th smallest key
-      unsigned counts[8], local = 0;
+      unsigned counts[8];
 #pragma unroll
-      for (int b = 0; b < 8; ++b) {
-        counts[b] = histogram[lane * 8 + b];
-        local += counts[b];
-      }
-      unsigned inclusive = local;
-#pragma unroll
-      for (int offset = 1; offset < 32; offset *= 2) {
-        const unsigned other = __shfl_up_sync(0xffffffffu, inclusive, offset);
-        if (lane >= offset) inclusive += other;
-      }
-      unsigned before = inclusive - local;
-      const bool here = before < remaining && remaining <= inclusive;
-      if (here) {  // exactly one lane
-        for (int b = 0; b < 8; ++b) {
-          if (before + counts[b] >= remaining) {
-            chosen_prefix = prefix | (static_cast<unsigned>(lane * 8 + b) << shift);
-            chosen_remaining = remaining - before;
-            break;
-          }
-          before += counts[b];
-        }
-      }
+      for (int b = 0; b < 8; ++b) counts[b] = histogram[lane * 8 + b];
+      choose_digit(counts, lane, prefix, shift, remaining, chosen_prefix, chosen_remaining);
     }
     __syncthreads();
     prefix = chosen_prefix;
@@ -778,31 +786,13 @@ __global__ void __cluster_dims__(kClusterBlocks, 1, 1) __launch_bounds__(kCluste
     }
     cluster.sync();   // every block's histogram of this digit is complete
     if (warp == 0) {  // the digit holding the remaining-th smallest key, over the whole row
-      unsigned counts[8] = {0, 0, 0, 0, 0, 0, 0, 0}, sum = 0;
+      unsigned counts[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       for (int q = 0; q < kClusterBlocks; ++q) {
         const unsigned* remote = cluster.map_shared_rank(local, q);
 #pragma unroll
         for (int b = 0; b < 8; ++b) counts[b] += remote[lane * 8 + b];
       }
-#pragma unroll
-      for (int b = 0; b < 8; ++b) sum += counts[b];
-      unsigned inclusive = sum;
-#pragma unroll
-      for (int offset = 1; offset < 32; offset *= 2) {
-        const unsigned other = __shfl_up_sync(0xffffffffu, inclusive, offset);
-        if (lane >= offset) inclusive += other;
-      }
-      unsigned before = inclusive - sum;
-      if (before < remaining && remaining <= inclusive) {  // exactly one lane
-        for (int b = 0; b < 8; ++b) {
-          if (before + counts[b] >= remaining) {
-            chosen_prefix = prefix | (static_cast<unsigned>(lane * 8 + b) << shift);
-            chosen_remaining = remaining - before;
-            break;
-          }
-          before += counts[b];
-        }
-      }
+      choose_digit(counts, lane, prefix, shift, remaining, chosen_prefix, chosen_remaining);
     }
     __syncthreads();
     prefix = chosen_prefix;
