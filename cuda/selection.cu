@@ -740,6 +740,7 @@ __global__ void __launch_bounds__(kSelectThreads) radix_select_kernel(SelectPara
 // lower-ranked blocks to the block scan.
 constexpr int kClusterBlocks = 8;
 constexpr int kClusterThreads = 512;
+static_assert(kClusterThreads >= 256, "one thread per histogram bin");
 constexpr int kClusterItems = 32;
 
 __global__ void __cluster_dims__(kClusterBlocks, 1, 1) __launch_bounds__(kClusterThreads)
@@ -749,6 +750,7 @@ __global__ void __cluster_dims__(kClusterBlocks, 1, 1) __launch_bounds__(kCluste
   using Scan = cub::BlockScan<unsigned long long, kClusterThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
   __shared__ unsigned histogram[2][256];
+  __shared__ unsigned summed[256];            // this digit's histogram over the whole cluster
   __shared__ unsigned long long block_total;  // (better << 32) | equal of this block's segment
   __shared__ unsigned chosen_prefix, chosen_remaining;
   const int rank = static_cast<int>(cluster.block_rank());
@@ -784,14 +786,21 @@ __global__ void __cluster_dims__(kClusterBlocks, 1, 1) __launch_bounds__(kCluste
         if (lane == __ffs(peers) - 1) atomicAdd(&local[digit], __popc(peers));
       }
     }
-    cluster.sync();   // every block's histogram of this digit is complete
-    if (warp == 0) {  // the digit holding the remaining-th smallest key, over the whole row
-      unsigned counts[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (int q = 0; q < kClusterBlocks; ++q) {
-        const unsigned* remote = cluster.map_shared_rank(local, q);
+    cluster.sync();  // every block's histogram of this digit is complete
+    // Bin b summed over the cluster by thread b: its 8 remote loads are in flight together (warp
+    // 0 alone reading all 8 x 256 bins kept the other warps waiting at the barrier).
+    if (threadIdx.x < 256) {
+      unsigned total = 0;
 #pragma unroll
-        for (int b = 0; b < 8; ++b) counts[b] += remote[lane * 8 + b];
-      }
+      for (int q = 0; q < kClusterBlocks; ++q)
+        total += cluster.map_shared_rank(local, q)[threadIdx.x];
+      summed[threadIdx.x] = total;
+    }
+    __syncthreads();
+    if (warp == 0) {  // the digit holding the remaining-th smallest key, over the whole row
+      unsigned counts[8];
+#pragma unroll
+      for (int b = 0; b < 8; ++b) counts[b] = summed[lane * 8 + b];
       choose_digit(counts, lane, prefix, shift, remaining, chosen_prefix, chosen_remaining);
     }
     __syncthreads();
