@@ -791,7 +791,9 @@ __device__ inline void store_warp(const float (&acc)[kM][kNT][4], const float (&
 
 // Part 2, after a __syncthreads: the block merges its warps (warp w's accumulators at warps + w *
 // warp_bytes) and writes the output or its split's partials, times out_factor (FP8's value scale).
-template <int D, int G>
+// kLoRows: each warp holds [G][D] hi accumulators then [G][D] lo ones (2^11 times finer, the
+// token kernel's hi/lo B columns); without, one [G][D] block (KIVI).
+template <int D, int G, bool kLoRows = true>
 __device__ void merge_warps(const Params& p, const unsigned char* warps, int warp_bytes,
                             const float* wmax, const float* wsum, float out_factor, bool valid,
                             int b, int kv_head, int split) {
@@ -807,7 +809,9 @@ __device__ void merge_warps(const Params& p, const unsigned char* warps, int war
       const float weight = block_max == -INFINITY ? 1.0f : exp2f(wmax[w * G + h] - block_max);
       const auto* Ww = reinterpret_cast<const float*>(warps + w * warp_bytes);
       sum = fmaf(wsum[w * G + h], weight, sum);
-      total = fmaf(Ww[h * D + d] + Ww[(G + h) * D + d] * (1.0f / 2048.0f), weight, total);
+      const float value =
+          kLoRows ? Ww[h * D + d] + Ww[(G + h) * D + d] * (1.0f / 2048.0f) : Ww[h * D + d];
+      total = fmaf(value, weight, total);
     }
     write_result<D>(p, valid, total * out_factor, sum, block_max, b, kv_head * G + h, split, d);
   }
@@ -825,14 +829,16 @@ __device__ void merge_warps(const Params& p, const unsigned char* warps, int war
 //   p.V: A = value codes (16 channels x 16 tokens), B = p' = p s per token and 32-channel slot of
 //        the value groups; sum_t p_t m_t (the value minimums, one number per head and group) is
 //        summed in fp32 by each thread over its own tokens and added once at the end.
-// Codes are exact in f16: two b-bit fields of two words (two channels of one token for keys, two
-// tokens of one channel for values: the packing runs along the other axis) are brought into one
-// register with one PRMT, masked under the exponent of 1024 (x = 1024 + f * 16^k, exactly) with
-// one LOP3, and one HFMA2 by 16^-k, -1024 16^-k leaves f. (Skipping the OR and the HFMA2, i.e.
-// feeding the field as the f16 subnormal f 2^(s - 24) and rescaling the fp32 rows, is 1-4 % faster
-// but not exact: the H100's mma with subnormal A inputs was measured off by up to 7.6e-5 of
-// sum |a b|.) The k order of an mma only has to agree between A and B, so each thread's k slots are
-// chosen to match what it loads.
+// Codes are exact in f16: the fields of one byte of each of two words (two channels of one token
+// for keys, two tokens of one channel for values: the packing runs along the other axis) are
+// brought into one register with one PRMT, each row's field masked under the exponent of 1024
+// (x = 1024 + f * 2^k, exactly) with one LOP3, and one HFMA2 by 2^-k, -1024 2^-k leaves f. 2-bit:
+// a thread uses one nibble of the byte (two rows); 4-bit: the whole byte (its two nibbles are the
+// thread's rows g and g + 8), which halves the PRMTs and the shared-memory bytes read.
+// (Skipping the OR and the HFMA2, i.e. feeding the field as the f16 subnormal f 2^(s - 24) and
+// rescaling the fp32 rows, is 1-4 % faster but not exact: the H100's mma with subnormal A inputs
+// was measured off by up to 7.6e-5 of sum |a b|.) The k order of an mma only has to agree between
+// A and B, so each thread's k slots are chosen to match what it loads.
 // The softmax runs on the q.K accumulators as they lie (thread (g, t): tokens of rows g, g + 8 of
 // both m-tiles, columns 2t, 2t + 1; maxima across the 8 row groups by three shuffles), and the
 // thread that holds a column's scores also holds that column's p.V accumulators, so corrections
@@ -910,11 +916,12 @@ struct Decoder {
 template <int Bits>
 __device__ inline Decoder make_decoder(int g) {
   Decoder d;
-  d.sel = static_cast<std::uint32_t>((g >> 1) | ((4 + (g >> 1)) << 8));
-  const int shift = 4 * (g & 1);
-  const float m = (g & 1) ? 1.0f / 16.0f : 1.0f;
   if constexpr (Bits == 2) {
-    // Nibble g holds fields 2g (bits 0-1, row g) and 2g + 1 (bits 2-3, row g + 8).
+    // Byte g / 2; its nibble g & 1 holds fields 2g (bits 0-1, row g) and 2g + 1 (bits 2-3, row
+    // g + 8).
+    d.sel = static_cast<std::uint32_t>((g >> 1) | ((4 + (g >> 1)) << 8));
+    const int shift = 4 * (g & 1);
+    const float m = (g & 1) ? 1.0f / 16.0f : 1.0f;
     d.mask0 = 0x00030003u << shift;
     d.mask1 = 0x000C000Cu << shift;
     d.mul0 = __float2half2_rn(m);
@@ -922,9 +929,15 @@ __device__ inline Decoder make_decoder(int g) {
     d.mul1 = __float2half2_rn(m / 4.0f);
     d.add1 = __float2half2_rn(-1024.0f * m / 4.0f);
   } else {
-    d.mask0 = d.mask1 = 0x000F000Fu << shift;
-    d.mul0 = d.mul1 = __float2half2_rn(m);
-    d.add0 = d.add1 = __float2half2_rn(-1024.0f * m);
+    // A whole byte per PRMT, byte g & 3 (of the word the caller picked by g / 4): its low nibble
+    // is row g, its high nibble row g + 8.
+    d.sel = static_cast<std::uint32_t>((g & 3) | ((4 + (g & 3)) << 8));
+    d.mask0 = 0x000F000Fu;
+    d.mask1 = 0x00F000F0u;
+    d.mul0 = __float2half2_rn(1.0f);
+    d.add0 = __float2half2_rn(-1024.0f);
+    d.mul1 = __float2half2_rn(1.0f / 16.0f);
+    d.add1 = __float2half2_rn(-64.0f);
   }
   return d;
 }
@@ -947,30 +960,6 @@ __device__ inline float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
-}
-
-// The block merges its warps' [G][D] accumulators (warp w's at warps + w * warp_bytes) and writes
-// the output or its split's partials.
-template <int D, int G>
-__device__ void merge_warps_kivi(const Params& p, const unsigned char* warps, int warp_bytes,
-                                 const float* wmax, const float* wsum, bool valid, int b,
-                                 int kv_head, int split) {
-  for (int i = threadIdx.x; i < G * D; i += kWarpsPerBlock * 32) {
-    const int h = i / D, d = i % D;
-    float block_max = -INFINITY;
-#pragma unroll
-    for (int w = 0; w < kWarpsPerBlock; ++w) block_max = fmaxf(block_max, wmax[w * G + h]);
-    // Every maximum -inf: the sums and accumulators are 0, or NaN (NaN scores), which must stay.
-    float sum = 0.0f, total = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kWarpsPerBlock; ++w) {
-      const float weight = block_max == -INFINITY ? 1.0f : exp2f(wmax[w * G + h] - block_max);
-      const auto* Ww = reinterpret_cast<const float*>(warps + w * warp_bytes);
-      sum = fmaf(wsum[w * G + h], weight, sum);
-      total = fmaf(Ww[h * D + d], weight, total);
-    }
-    write_result<D>(p, valid, total, sum, block_max, b, kv_head * G + h, split, d);
-  }
 }
 
 // Blocks per SM the register budget is set for: 4 (128 registers; 5 blocks at 96 registers spill
@@ -1036,9 +1025,18 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
   __syncthreads();
 
   const Decoder dec = make_decoder<Bits>(g);
-  // Rows g and g + 8 of an m-tile: tokens (keys) or channels (values) 2g, 2g + 1 (2-bit: one
-  // nibble) or g, g + 8 (4-bit: one field of each of two words).
-  const int rho0 = Bits == 2 ? 2 * g : g, rho1 = Bits == 2 ? 2 * g + 1 : g + 8;
+  const int h = g >> 2, q4 = g & 3;
+  // Tile token of row g (r = 0) / g + 8 (r = 1) of key m-tile mt: 2-bit, the fields of nibble g
+  // of word mt; 4-bit, the two nibbles of byte g % 4 of word 2 (g / 4) + mt.
+  const auto key_token = [&](int mt, int r) {
+    return Bits == 2 ? 16 * mt + 2 * g + r : 16 * h + 8 * mt + 2 * q4 + r;
+  };
+  // Channel of row g (r = 0) / g + 8 (r = 1) of value m-tile i (inside value slot i / 2): 2-bit,
+  // the fields of nibble g of word i; 4-bit, the two nibbles of byte g % 4 of word 4 (i / 2) +
+  // 2 (g / 4) + i % 2.
+  const auto value_channel = [&](int i, int r) {
+    return Bits == 2 ? 16 * i + 2 * g + r : 32 * (i >> 1) + 16 * h + 8 * (i & 1) + 2 * q4 + r;
+  };
   // This thread's score / output columns 2t + c, c = 0, 1: heads (2t + c) % G.
   const float unscale[2] = {q_unscale[(2 * t) % G], q_unscale[(2 * t + 1) % G]};
   // p' columns this thread writes (2 pair, 2 pair + 1: the same heads) and the value slots it
@@ -1048,7 +1046,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
   // t + 8, t + 12 of the k-step (what its value-code loads give), so token r sits in k row:
   const auto krow = [](int r) { return 8 * (r >> 3) + 2 * (r & 3) + ((r >> 2) & 1); };
 
-  float acc[kKS][4];  // p.V: m-tile i (channels 16 i + rho0 / rho1), columns 2t, 2t + 1
+  float acc[kKS][4];  // p.V: m-tile i (channels value_channel(i, 0 / 1)), columns 2t, 2t + 1
 #pragma unroll
   for (int i = 0; i < kKS; ++i)
 #pragma unroll
@@ -1065,17 +1063,25 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
   auto issue = [&](int t0, unsigned char* st) {
     if (t0 < qk) {
       const int blk = t0 >> group_log2;
-      const auto* src = reinterpret_cast<const std::uint32_t*>(k_codes) +
-                        static_cast<std::int64_t>(blk) * D * row_words +
-                        (((t0 & (p.group - 1)) * Bits) >> 5);
+      const auto* kc = reinterpret_cast<const std::uint32_t*>(k_codes);
+      // rw: words per channel row of a key block (a constant for groups of 32, so that the
+      // copies' offsets become immediates once inlined).
+      auto copy_codes = [&](const std::uint32_t* src, int rw) {
 #pragma unroll
-      for (int j = 0; j < D / 32; ++j) {
-        const int c = lane + 32 * j;
-        if constexpr (Bits == 2)
-          cp_async8(st + c * 8, src + c * row_words);
-        else
-          cp_async16(st + c * 16, src + c * row_words);
-      }
+        for (int j = 0; j < D / 32; ++j) {
+          const int c = lane + 32 * j;
+          if constexpr (Bits == 2)
+            cp_async8(st + c * 8, src + c * rw);
+          else
+            cp_async16(st + c * 16, src + c * rw);
+        }
+      };
+      if (row_words == Bits)
+        copy_codes(kc + static_cast<std::int64_t>(t0) * (D * Bits / 32), Bits);
+      else
+        copy_codes(kc + static_cast<std::int64_t>(blk) * D * row_words +
+                       (((t0 & (p.group - 1)) * Bits) >> 5),
+                   row_words);
       const unsigned char* ks = k_scale + static_cast<std::int64_t>(blk) * D * 2;
       const unsigned char* km = k_min + static_cast<std::int64_t>(blk) * D * 2;
 #pragma unroll
@@ -1116,6 +1122,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
 #pragma unroll
       for (int r = 0; r < 4; ++r) sc[mt][r] = 0.0f;
     const bool key_quantized = t0 < qk;
+    // Score of column c = (sc + bias[c]) u[c]; u NaN: a key block out of range.
+    float bias[2] = {0.0f, 0.0f}, u[2] = {unscale[0], unscale[1]};
     if (key_quantized) {
       // sum_c q_c m_c: the same for every token, one accumulator for both m-tiles.
       float kbias[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -1145,19 +1153,21 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
             a[mt][3] = dec.row1(x23[mt]);
           }
         } else {
-          // [channel][4 words]: words 2 mt (tokens 0-7) and 2 mt + 1 (8-15) of m-tile mt.
-          const uint4 w0 = *reinterpret_cast<const uint4*>(kw + c0 * 4);
-          const uint4 w1 = *reinterpret_cast<const uint4*>(kw + c0 * 4 + 4);
-          const uint4 w2 = *reinterpret_cast<const uint4*>(kw + c0 * 4 + 8);
-          const uint4 w3 = *reinterpret_cast<const uint4*>(kw + c0 * 4 + 12);
-          a[0][0] = dec.row0(dec.pair(w0.x, w1.x));
-          a[0][1] = dec.row0(dec.pair(w0.y, w1.y));
-          a[0][2] = dec.row0(dec.pair(w2.x, w3.x));
-          a[0][3] = dec.row0(dec.pair(w2.y, w3.y));
-          a[1][0] = dec.row0(dec.pair(w0.z, w1.z));
-          a[1][1] = dec.row0(dec.pair(w0.w, w1.w));
-          a[1][2] = dec.row0(dec.pair(w2.z, w3.z));
-          a[1][3] = dec.row0(dec.pair(w2.w, w3.w));
+          // [channel][4 words]: this thread's words 2 (g / 4) + mt of channels c0 .. c0 + 3, one
+          // byte (both rows) per channel and m-tile.
+          uint2 w[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            w[e] = *reinterpret_cast<const uint2*>(kw + (c0 + e) * 4 + 2 * h);
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            const std::uint32_t x01 = dec.pair(mt ? w[0].y : w[0].x, mt ? w[1].y : w[1].x);
+            const std::uint32_t x23 = dec.pair(mt ? w[2].y : w[2].x, mt ? w[3].y : w[3].x);
+            a[mt][0] = dec.row0(x01);
+            a[mt][1] = dec.row1(x01);
+            a[mt][2] = dec.row0(x23);
+            a[mt][3] = dec.row1(x23);
+          }
         }
         // Rows g only (rows g + 8 get scales in their A slots and are not used).
         mma16816(kbias, ms.x, ms.y, ms.z, ms.w, q2.x, q2.y);
@@ -1165,11 +1175,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
         for (int mt = 0; mt < 2; ++mt)
           mma16816(sc[mt], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b0, b1);
       }
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-        for (int r = 0; r < 4; ++r)
-          sc[mt][r] = out_of_range ? __int_as_float(0x7fc00000) : sc[mt][r] + kbias[r & 1];
+      bias[0] = kbias[0], bias[1] = kbias[1];
+      if (out_of_range) u[0] = u[1] = __int_as_float(0x7fc00000);
     } else {
       // f16 residual rows (tokens >= qk), rows g and g + 8 of each m-tile; none past the end.
 #pragma unroll
@@ -1187,13 +1194,15 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
         }
       }
     }
-    // Token (within the tile) of row g / g + 8 of m-tile mt: 16 mt + tr0 / tr1.
-    const int tr0 = key_quantized ? rho0 : g, tr1 = key_quantized ? rho1 : g + 8;
+    // Token (within the tile) of row g (r = 0) / g + 8 (r = 1) of m-tile mt.
+    const auto tok = [&](int mt, int r) {
+      return key_quantized ? key_token(mt, r) : 16 * mt + g + 8 * r;
+    };
     if (t0 + 32 > end) {
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt) {
-        if (t0 + 16 * mt + tr0 >= end) sc[mt][0] = sc[mt][1] = -INFINITY;
-        if (t0 + 16 * mt + tr1 >= end) sc[mt][2] = sc[mt][3] = -INFINITY;
+        if (t0 + tok(mt, 0) >= end) sc[mt][0] = sc[mt][1] = -INFINITY;
+        if (t0 + tok(mt, 1) >= end) sc[mt][2] = sc[mt][3] = -INFINITY;
       }
     }
 
@@ -1205,14 +1214,16 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
       mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 4));
       mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 8));
       mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 16));
-      const float new_max = fmaxf(run_max[c], mx * unscale[c]);
+      // (NaN u: NaN probabilities and sums, as NaN scores would give.)
+      const float new_max = fmaxf(run_max[c], (mx + bias[c]) * u[c]);
       corr[c] = fast_exp2(run_max[c] - new_max);
+      const float off = fmaf(bias[c], u[c], -new_max);
       float sum = 0.0f;
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
         for (int r = c; r < 4; r += 2) {
-          sc[mt][r] = fast_exp2(fmaf(sc[mt][r], unscale[c], -new_max));
+          sc[mt][r] = fast_exp2(fmaf(sc[mt][r], u[c], off));
           sum += sc[mt][r];
         }
       run_sum[c] = fmaf(run_sum[c], corr[c], sum);
@@ -1230,25 +1241,26 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
 
     // ---- p' = p s of this thread's 4 tokens and 2 columns into the p' tile, p m into mv
     const bool values_fast = t0 + 32 <= vq_end;
-    // params(tk, vg, s, m): scale and minimum of tile token tk, value group vg.
+    // params(tk, s, m): scales and minimums of tile token tk for this thread's value slots
+    // (twin kSPL + k, those below kVS).
     auto write_p = [&](auto&& params) {
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
         for (int row = 0; row < 2; ++row) {
-          const int r = row ? tr1 : tr0, tk = 16 * mt + r;
+          const int tk = tok(mt, row);
           const float p0 = sc[mt][2 * row], p1 = sc[mt][2 * row + 1];
-          unsigned char* dst = Bv + (16 * mt + krow(r)) * 16 + 4 * pair;
+          unsigned char* dst = Bv + (16 * (tk >> 4) + krow(tk & 15)) * 16 + 4 * pair;
+          float s[kSPL], m[kSPL];
+          params(tk, s, m);
 #pragma unroll
           for (int k = 0; k < kSPL; ++k) {
             const int vs = twin * kSPL + k;
             if (kSPL * kTwins == kVS || vs < kVS) {
-              float s, m;
-              params(tk, vs >> slot_shift, s, m);
               *reinterpret_cast<std::uint32_t*>(dst + vs * 512) =
-                  h2u(__floats2half2_rn(p0 * s, p1 * s));
-              mv[k][0] = fmaf(p0, m, mv[k][0]);
-              mv[k][1] = fmaf(p1, m, mv[k][1]);
+                  h2u(__floats2half2_rn(p0 * s[k], p1 * s[k]));
+              mv[k][0] = fmaf(p0, m[k], mv[k][0]);
+              mv[k][1] = fmaf(p1, m[k], mv[k][1]);
             }
           }
         }
@@ -1256,20 +1268,42 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
     if (values_fast) {
       const auto* vsc = reinterpret_cast<const __half*>(st + L::kVScale);
       const auto* vmn = reinterpret_cast<const __half*>(st + L::kVMin);
-      write_p([&](int tk, int vg, float& s, float& m) {
-        s = __half2float(vsc[tk * value_groups + vg]);
-        m = __half2float(vmn[tk * value_groups + vg]);
-      });
+      constexpr bool kPaired = kSPL % 2 == 0 && kSPL * kTwins == kVS;
+      if (kPaired && slot_shift == 0) {
+        // Groups of 32 channels: the scales (minimums) of slots 2k, 2k + 1 are adjacent.
+        write_p([&](int tk, float(&s)[kSPL], float(&m)[kSPL]) {
+          const int at = tk * value_groups + twin * kSPL;
+#pragma unroll
+          for (int k = 0; k < kSPL; k += 2) {
+            const float2 s2 = __half22float2(*reinterpret_cast<const __half2*>(vsc + at + k));
+            const float2 m2 = __half22float2(*reinterpret_cast<const __half2*>(vmn + at + k));
+            s[k] = s2.x, s[k + 1] = s2.y, m[k] = m2.x, m[k + 1] = m2.y;
+          }
+        });
+      } else {
+        write_p([&](int tk, float(&s)[kSPL], float(&m)[kSPL]) {
+#pragma unroll
+          for (int k = 0; k < kSPL; ++k) {
+            const int vg = min(twin * kSPL + k, kVS - 1) >> slot_shift;
+            s[k] = __half2float(vsc[tk * value_groups + vg]);
+            m[k] = __half2float(vmn[tk * value_groups + vg]);
+          }
+        });
+      }
     } else {
-      write_p([&](int tk, int vg, float& s, float& m) {
+      write_p([&](int tk, float(&s)[kSPL], float(&m)[kSPL]) {
         const int tok = t0 + tk;
-        s = 0.0f, m = 0.0f;
-        if (tok < qv) {
-          const std::int64_t at = static_cast<std::int64_t>(tok) * value_groups + vg;
-          s = __half2float(reinterpret_cast<const __half*>(v_scale)[at]);
-          m = __half2float(reinterpret_cast<const __half*>(v_min)[at]);
-        } else if (tok < end) {
-          s = 1.0f;
+#pragma unroll
+        for (int k = 0; k < kSPL; ++k) {
+          const int vg = min(twin * kSPL + k, kVS - 1) >> slot_shift;
+          s[k] = 0.0f, m[k] = 0.0f;
+          if (tok < qv) {
+            const std::int64_t at = static_cast<std::int64_t>(tok) * value_groups + vg;
+            s[k] = __half2float(reinterpret_cast<const __half*>(v_scale)[at]);
+            m[k] = __half2float(reinterpret_cast<const __half*>(v_min)[at]);
+          } else if (tok < end) {
+            s[k] = 1.0f;
+          }
         }
       });
     }
@@ -1293,16 +1327,16 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
         const std::uint32_t* rows[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) rows[e] = vw + (16 * ks + t + 4 * e) * kRW;
+        if constexpr (Bits == 2) {
 #pragma unroll
-        for (int c4 = 0; c4 < kRW / 4; ++c4) {
-          uint4 r[4];
+          for (int c4 = 0; c4 < kRW / 4; ++c4) {
+            uint4 r[4];
 #pragma unroll
-          for (int e = 0; e < 4; ++e) r[e] = *reinterpret_cast<const uint4*>(rows[e] + 4 * c4);
-          const std::uint32_t w[4][4] = {{r[0].x, r[0].y, r[0].z, r[0].w},
-                                         {r[1].x, r[1].y, r[1].z, r[1].w},
-                                         {r[2].x, r[2].y, r[2].z, r[2].w},
-                                         {r[3].x, r[3].y, r[3].z, r[3].w}};
-          if constexpr (Bits == 2) {
+            for (int e = 0; e < 4; ++e) r[e] = *reinterpret_cast<const uint4*>(rows[e] + 4 * c4);
+            const std::uint32_t w[4][4] = {{r[0].x, r[0].y, r[0].z, r[0].w},
+                                           {r[1].x, r[1].y, r[1].z, r[1].w},
+                                           {r[2].x, r[2].y, r[2].z, r[2].w},
+                                           {r[3].x, r[3].y, r[3].z, r[3].w}};
 #pragma unroll
             for (int q = 0; q < 4; ++q) {  // word q of the chunk = m-tile 4 c4 + q
               const int i = 4 * c4 + q;
@@ -1311,15 +1345,22 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
               mma16816(acc[i], dec.row0(x01), dec.row1(x01), dec.row0(x23), dec.row1(x23),
                        bv[i / 2][0], bv[i / 2][1]);
             }
-          } else {
+          }
+        } else {
+          // Slot v: this thread's words 4v + 2 (g / 4) + e of its four tokens are m-tiles 2v + e,
+          // one byte (both rows) per token and m-tile.
 #pragma unroll
-            for (int q = 0; q < 2; ++q) {  // words 2q, 2q + 1 = m-tile 2 c4 + q
-              const int i = 2 * c4 + q;
-              mma16816(acc[i], dec.row0(dec.pair(w[0][2 * q], w[1][2 * q])),
-                       dec.row0(dec.pair(w[0][2 * q + 1], w[1][2 * q + 1])),
-                       dec.row0(dec.pair(w[2][2 * q], w[3][2 * q])),
-                       dec.row0(dec.pair(w[2][2 * q + 1], w[3][2 * q + 1])), bv[i / 2][0],
-                       bv[i / 2][1]);
+          for (int v = 0; v < kVS; ++v) {
+            uint2 r[4];
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              r[e] = *reinterpret_cast<const uint2*>(rows[e] + 4 * v + 2 * h);
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const std::uint32_t x01 = dec.pair(e ? r[0].y : r[0].x, e ? r[1].y : r[1].x);
+              const std::uint32_t x23 = dec.pair(e ? r[2].y : r[2].x, e ? r[3].y : r[3].x);
+              mma16816(acc[2 * v + e], dec.row0(x01), dec.row1(x01), dec.row0(x23), dec.row1(x23),
+                       bv[v][0], bv[v][1]);
             }
           }
         }
@@ -1340,7 +1381,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
         const int tk0 = t0 + 16 * ks + t;
 #pragma unroll
         for (int i = 0; i < kKS; ++i) {
-          const int ch0 = 16 * i + rho0, ch1 = 16 * i + rho1;
+          const int ch0 = value_channel(i, 0), ch1 = value_channel(i, 1);
           mma16816(acc[i], pack_halves(element(tk0, ch0), element(tk0 + 4, ch0)),
                    pack_halves(element(tk0, ch1), element(tk0 + 4, ch1)),
                    pack_halves(element(tk0 + 8, ch0), element(tk0 + 12, ch0)),
@@ -1387,12 +1428,12 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int col = 2 * t + (r & 1);
-      const int ch = 16 * i + (r < 2 ? rho0 : rho1);
+      const int ch = value_channel(i, r < 2 ? 0 : 1);
       if (col < G) W[col * D + ch] = acc[i][r] + mvs[(i / 2) * 8 + col];
     }
   __syncthreads();
-  merge_warps_kivi<D, G>(p, smem + L::kBlockBytes, L::kWarpBytes, wmax, wsum, valid, b, kv_head,
-                         split);
+  merge_warps<D, G, false>(p, smem + L::kBlockBytes, L::kWarpBytes, wmax, wsum, 1.0f, valid, b,
+                           kv_head, split);
 }
 
 }  // namespace kivi_mma
