@@ -640,15 +640,19 @@ struct SelectParams {
   int n, k, tail_first, tail;
 };
 
-// Warp 0's step of the radix select: lane l holds the counts of digits 8l .. 8l + 7 among the keys
-// still matching `prefix`. Finds the digit holding the remaining-th smallest key and stores the
-// prefix extended by it and the rank left within it (exactly one lane stores).
-__device__ inline void choose_digit(const unsigned (&counts)[8], int lane, unsigned prefix,
-                                    int shift, unsigned remaining, unsigned& chosen_prefix,
+// Warp 0's step of the radix select: `bins` (shared memory) counts each digit among the keys still
+// matching `prefix`; lane l takes digits 8l .. 8l + 7. Finds the digit holding the remaining-th
+// smallest key and stores the prefix extended by it and the rank left within it (exactly one lane
+// stores).
+__device__ inline void choose_digit(const unsigned* bins, int lane, unsigned prefix, int shift,
+                                    unsigned remaining, unsigned& chosen_prefix,
                                     unsigned& chosen_remaining) {
-  unsigned local = 0;
+  unsigned counts[8], local = 0;
 #pragma unroll
-  for (int b = 0; b < 8; ++b) local += counts[b];
+  for (int b = 0; b < 8; ++b) {
+    counts[b] = bins[lane * 8 + b];
+    local += counts[b];
+  }
   unsigned inclusive = local;
 #pragma unroll
   for (int offset = 1; offset < 32; offset *= 2) {
@@ -699,12 +703,8 @@ __global__ void __launch_bounds__(kSelectThreads) radix_select_kernel(SelectPara
       }
     }
     __syncthreads();
-    if (warp == 0) {  // the digit holding the remaining-th smallest key
-      unsigned counts[8];
-#pragma unroll
-      for (int b = 0; b < 8; ++b) counts[b] = histogram[lane * 8 + b];
-      choose_digit(counts, lane, prefix, shift, remaining, chosen_prefix, chosen_remaining);
-    }
+    if (warp == 0)  // the digit holding the remaining-th smallest key
+      choose_digit(histogram, lane, prefix, shift, remaining, chosen_prefix, chosen_remaining);
     __syncthreads();
     prefix = chosen_prefix;
     remaining = chosen_remaining;
@@ -797,12 +797,8 @@ __global__ void __cluster_dims__(kClusterBlocks, 1, 1) __launch_bounds__(kCluste
       summed[threadIdx.x] = total;
     }
     __syncthreads();
-    if (warp == 0) {  // the digit holding the remaining-th smallest key, over the whole row
-      unsigned counts[8];
-#pragma unroll
-      for (int b = 0; b < 8; ++b) counts[b] = summed[lane * 8 + b];
-      choose_digit(counts, lane, prefix, shift, remaining, chosen_prefix, chosen_remaining);
-    }
+    if (warp == 0)  // the digit holding the remaining-th smallest key, over the whole row
+      choose_digit(summed, lane, prefix, shift, remaining, chosen_prefix, chosen_remaining);
     __syncthreads();
     prefix = chosen_prefix;
     remaining = chosen_remaining;
