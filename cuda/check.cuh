@@ -1,4 +1,5 @@
-// cuda/check.cuh (private): checked CUDA runtime calls and launches.
+// cuda/check.cuh (private): checked CUDA runtime calls and launches, and the argument checks the
+// ops share.
 //
 //   KVC_CUDA_CHECK(cudaMemsetAsync(dst, 0, bytes, stream));
 //   my_kernel<<<grid, block, 0, stream>>>(...);
@@ -10,6 +11,9 @@
 #pragma once
 
 #include <cuda_runtime.h>
+
+#include <cstdint>
+#include <initializer_list>
 
 #include "kvc/core/error.hpp"
 
@@ -24,6 +28,14 @@ inline void check(cudaError_t status, const char* call, const char* file, int li
                                    cudaGetErrorString(status)),
                     file, line);
   }
+}
+
+// Rows of 16-bit elements that start on 16-byte boundaries, as the kernels' 16-byte loads need: the
+// pointer 16-byte aligned and every given stride (in elements) a multiple of 8.
+inline bool rows_aligned16(const void* ptr, std::initializer_list<std::int64_t> strides) {
+  bool ok = reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0;
+  for (auto s : strides) ok = ok && s % 8 == 0;
+  return ok;
 }
 
 }  // namespace kvc::cuda_detail

@@ -389,14 +389,10 @@ void run_decode(Cuda stream, DeviceView<const Storage, 3> q, DeviceView<const St
             " must be a multiple of Hkv = ", kv_heads);
   KVC_CHECK(q.strides[2] == 1 && k.strides[3] == 1 && v.strides[3] == 1 && out.strides[2] == 1, op,
             ": the head_dim axis must be contiguous (stride 1)");
-  auto aligned = [](const void* ptr, std::initializer_list<std::int64_t> strides) {
-    bool ok = reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0;
-    for (auto s : strides) ok = ok && s % 8 == 0;
-    return ok;
-  };
-  KVC_CHECK(aligned(q.data, {q.strides[0], q.strides[1]}) &&
-                aligned(k.data, {k.strides[0], k.strides[1], k.strides[2]}) &&
-                aligned(v.data, {v.strides[0], v.strides[1], v.strides[2]}),
+  using cuda_detail::rows_aligned16;
+  KVC_CHECK(rows_aligned16(q.data, {q.strides[0], q.strides[1]}) &&
+                rows_aligned16(k.data, {k.strides[0], k.strides[1], k.strides[2]}) &&
+                rows_aligned16(v.data, {v.strides[0], v.strides[1], v.strides[2]}),
             op,
             ": q, k and v rows must start on 16-byte boundaries (pointers aligned to 16 bytes, "
             "strides multiples of 8 elements)");

@@ -30,6 +30,7 @@
 #include "check.cuh"
 #include "kvc/core/dispatch.hpp"
 #include "kvc/ops/quantized_attention.hpp"
+#include "ptx.cuh"
 #include "split_merge.cuh"
 
 namespace kvc::ops {
@@ -64,6 +65,7 @@ constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 constexpr int kTile = 32;  // tokens per warp step; KIVI key groups are multiples of it
 using split_merge::SplitPlan;
+using namespace ptx;  // cp.async and ldmatrix
 constexpr unsigned kFull = 0xffffffffu;
 constexpr float kTwo23 = 8388608.0f;
 
@@ -614,39 +616,6 @@ __device__ inline void mma16816(float (&c)[4], std::uint32_t a0, std::uint32_t a
       "{%0,%1,%2,%3};\n"
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-__device__ inline void cp_async16(void* smem, const void* gmem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
-}
-__device__ inline void cp_async8(void* smem, const void* gmem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(s), "l"(gmem));
-}
-__device__ inline void cp_async4(void* smem, const void* gmem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(s), "l"(gmem));
-}
-__device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ inline void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-
-// Four 8x8 b16 matrices from shared memory, lanes 8i .. 8i + 7 giving the row addresses of matrix
-// i: thread (g, t) receives word t of row g of each (trans: rows 2t, 2t + 1 of b16 column g).
-__device__ inline void ldmatrix_x4(std::uint32_t (&r)[4], const void* row) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s));
-}
-__device__ inline void ldmatrix_x4_trans(std::uint32_t (&r)[4], const void* row) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(row));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(s));
 }
 
 // x as the f16 pair hi = f16(x), lo = f16(2^11 (x - hi)): x = hi + 2^-11 lo to about 2^-22 |x|.

@@ -43,9 +43,12 @@
 #include "kvc/core/dispatch.hpp"
 #include "kvc/ops/selection.hpp"
 #include "native_types.cuh"
+#include "ptx.cuh"
 
 namespace kvc::ops {
 namespace {
+
+using namespace ptx;  // cp.async and ldmatrix
 
 constexpr std::size_t kAlign = 256;
 
@@ -62,12 +65,6 @@ struct Carver {
     return p;
   }
 };
-
-bool rows_aligned(const void* ptr, std::initializer_list<std::int64_t> strides) {
-  bool ok = reinterpret_cast<std::uintptr_t>(ptr) % 16 == 0;
-  for (auto s : strides) ok = ok && s % 8 == 0;
-  return ok;
-}
 
 // ---- scores ------------------------------------------------------------------------------------
 
@@ -92,25 +89,6 @@ struct ScoreParams {
 template <class T>
 __device__ inline uint4 load16(const T* p) {
   return __ldg(reinterpret_cast<const uint4*>(p));
-}
-
-// 16 bytes global -> shared without staging in registers; `valid` false writes zeros.
-__device__ inline void cp_async16(void* shared_ptr, const void* global_ptr, bool valid) {
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared_ptr));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(address), "l"(global_ptr),
-               "r"(valid ? 16 : 0));
-}
-__device__ inline void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ inline void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-
-__device__ inline void ldmatrix_x4(std::uint32_t (&r)[4], const void* shared_ptr) {
-  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(shared_ptr));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address));
 }
 
 // D (16x8, fp32) += A (16x16, row) * B (16x8, col).
@@ -238,8 +216,8 @@ __global__ void __launch_bounds__(kThreads, kSecond ? 2 : 3) window_kernel(Score
       const int e = u * kThreads + threadIdx.x;
       const int key = tile * kTileKeys + e / kVectors;
       const bool valid = key < p.tokens;
-      cp_async16(dst + (e / kVectors) * kLd + (e % kVectors) * 8,
-                 valid ? k_base + key * p.k_token + (e % kVectors) * 8 : k_base, valid);
+      cp_async16_or_zero(dst + (e / kVectors) * kLd + (e % kVectors) * 8,
+                         valid ? k_base + key * p.k_token + (e % kVectors) * 8 : k_base, valid);
     }
   };
   const auto load_q = [&](int chunk) {  // rows past G W read as zeros
@@ -248,7 +226,7 @@ __global__ void __launch_bounds__(kThreads, kSecond ? 2 : 3) window_kernel(Score
       const int row = chunk * kChunkRows + e / kVectors;
       const bool valid = row < rows;
       const int q_head = kv_head * p.group + row / p.window;
-      cp_async16(
+      cp_async16_or_zero(
           q_chunk + (e / kVectors) * kLd + (e % kVectors) * 8,
           valid ? p.q + q_head * p.q_head + (row % p.window) * p.q_row + (e % kVectors) * 8 : p.q,
           valid);
@@ -538,8 +516,8 @@ void run_scores(Cuda stream, DeviceView<const Storage, 3> q, DeviceView<const St
             " is not allowed; use a finite scale > 0, or 0 for 1/sqrt(D)");
   KVC_CHECK(q.strides[2] == 1 && k.strides[2] == 1,
             "snapkv_scores(cuda): the head_dim axis must be contiguous (stride 1)");
-  KVC_CHECK(rows_aligned(q.data, {q.strides[0], q.strides[1]}) &&
-                rows_aligned(k.data, {k.strides[0], k.strides[1]}),
+  KVC_CHECK(cuda_detail::rows_aligned16(q.data, {q.strides[0], q.strides[1]}) &&
+                cuda_detail::rows_aligned16(k.data, {k.strides[0], k.strides[1]}),
             "snapkv_scores(cuda): q_window and k rows must start on 16-byte boundaries (pointers "
             "aligned to 16 bytes, strides multiples of 8 elements)");
   const ScoreLayout layout = score_layout(static_cast<int>(hq), static_cast<int>(w),
@@ -970,10 +948,10 @@ void run_compact(Cuda stream, DeviceView<const std::int32_t, 2> keep,
                 v_out.strides[2] == 1,
             "compact_rows(cuda): D = ", d,
             " must be a multiple of 8 with the head_dim axis contiguous (stride 1)");
-  KVC_CHECK(rows_aligned(k.data, {k.strides[0], k.strides[1]}) &&
-                rows_aligned(v.data, {v.strides[0], v.strides[1]}) &&
-                rows_aligned(k_out.data, {k_out.strides[0], k_out.strides[1]}) &&
-                rows_aligned(v_out.data, {v_out.strides[0], v_out.strides[1]}),
+  KVC_CHECK(cuda_detail::rows_aligned16(k.data, {k.strides[0], k.strides[1]}) &&
+                cuda_detail::rows_aligned16(v.data, {v.strides[0], v.strides[1]}) &&
+                cuda_detail::rows_aligned16(k_out.data, {k_out.strides[0], k_out.strides[1]}) &&
+                cuda_detail::rows_aligned16(v_out.data, {v_out.strides[0], v_out.strides[1]}),
             "compact_rows(cuda): K/V rows must start on 16-byte boundaries (pointers aligned to 16 "
             "bytes, strides multiples of 8 elements)");
   KVC_CHECK(t <= std::numeric_limits<std::int32_t>::max(), "compact_rows(cuda): T = ", t,
