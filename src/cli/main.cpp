@@ -58,8 +58,8 @@ options:
   --positions MODE    absolute (default: keys keep their rotation) | reindexed (kept keys and the
                       query re-rotated to in-cache indices, StreamingLLM pos-shift)
   --device DEVICE     cpu (default: the reference caches, every policy) | cuda (the caches live
-                      on the GPU: KVCache<Config, Cuda>; eviction none, streamingllm, snapkv, h2o
-                      with quantization none, kivi, int8/int4, fp8)
+                      on the GPU: KVCache<Config, Cuda>; eviction none (spec full), streamingllm,
+                      snapkv, h2o with quantization none, kivi, int8/int4, fp8)
   --json FILE         also write the results as JSON
   --dump DIR          write DIR/<i>/layer_<l>/{positions,keys,values}.npy: the state of policy i
                       right after prefill compression (positions int32 [S, n_max] padded with -1;

@@ -22,8 +22,8 @@ struct CudaEvalConfig : DefaultConfig {
 };
 
 constexpr const char* kSupported =
-    "the cuda backend supports eviction none, streamingllm, snapkv, h2o and quantization none, "
-    "kivi, int8/int4, fp8, without merge, key projection or layer sharing";
+    "the cuda backend supports eviction none (spec full), streamingllm, snapkv, h2o and "
+    "quantization none, kivi, int8/int4, fp8, without merge, key projection or layer sharing";
 
 std::string device_label() {
   const int count = cuda_runtime::device_count();

@@ -6,11 +6,12 @@
 //   options.device = kvc::EvalDevice::cuda;
 //   kvc::EvalResult r = kvc::evaluate_cuda(dump, {"snapkv(budget=128)+kivi(bits=2)"}, options);
 //
-// Specs the CUDA cache supports: eviction none, streamingllm, snapkv (not reference_compat), h2o;
-// quantization none, kivi (2 or 4 bits, KIVI's axes, f16 scales), int8/int4 (int_per_token, groups
-// of a multiple of 16 channels), fp8; no merge, key projection or layer sharing; positions
-// absolute. Any other spec fails with a kvc::Error naming the stage and what is supported; no GPU
-// fails with a kvc::Error too. Defined in the kvc_eval_cuda library (built with KVC_ENABLE_CUDA).
+// Specs the CUDA cache supports: eviction none (spec full), streamingllm, snapkv (not
+// reference_compat), h2o; quantization none, kivi (2 or 4 bits, KIVI's axes, f16 scales), int8/int4
+// (int_per_token, groups of a multiple of 16 channels), fp8; no merge, key projection or layer
+// sharing; positions absolute. Any other spec fails with a kvc::Error naming the stage and what is
+// supported; no GPU fails with a kvc::Error too. Defined in the kvc_eval_cuda library (built with
+// KVC_ENABLE_CUDA).
 #pragma once
 
 #include <string>
