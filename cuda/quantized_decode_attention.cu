@@ -799,11 +799,15 @@ __device__ void merge_warps(const Params& p, const unsigned char* warps, int war
 //        the value groups; sum_t p_t m_t (the value minimums, one number per head and group) is
 //        summed in fp32 by each thread over its own tokens and added once at the end.
 // Codes are exact in f16: the fields of one byte of each of two words (two channels of one token
-// for keys, two tokens of one channel for values: the packing runs along the other axis) are
-// brought into one register with one PRMT, each row's field masked under the exponent of 1024
-// (x = 1024 + f * 2^k, exactly) with one LOP3, and one HFMA2 by 2^-k, -1024 2^-k leaves f. 2-bit:
-// a thread uses one nibble of the byte (two rows); 4-bit: the whole byte (its two nibbles are the
-// thread's rows g and g + 8), which halves the PRMTs and the shared-memory bytes read.
+// for keys, two tokens of one channel for values: the packing runs along the other axis) sit in
+// bytes 0 and 2 of one register, each row's field is masked under the exponent of 1024
+// (x = 1024 + f * 2^k, exactly) with one LOP3, and one HFMA2 by 2^-k, -1024 2^-k leaves f.
+// 2-bit: one PRMT brings byte g / 2 of two words together, and a thread uses one nibble of it (two
+// rows). 4-bit: ldmatrix.trans reads 8 x 8 matrices of 16-bit half-words (a key channel's 32
+// tokens, a token's 32 value channels per 16-byte row), so thread (g, t) receives half-word g of
+// rows 2t and 2t + 1 in one register: its byte 2g holds rows g, g + 8 of one m-tile, byte 2g + 1
+// (one shift) those of the next. That is a quarter of the shared-memory wavefronts of per-thread
+// loads, where eight lanes read the same 16 bytes, and no PRMT.
 // (Skipping the OR and the HFMA2, i.e. feeding the field as the f16 subnormal f 2^(s - 24) and
 // rescaling the fp32 rows, is 1-4 % faster but not exact: the H100's mma with subnormal A inputs
 // was measured off by up to 7.6e-5 of sum |a b|.) The k order of an mma only has to agree between
@@ -819,7 +823,8 @@ __device__ void merge_warps(const Params& p, const unsigned char* warps, int war
 // gets NaN outputs, loudly, instead of silently wrong ones. The f16 rounding errors of q' and p'
 // are independent per channel and token, so they add up like a random walk (the tests' tolerances,
 // derived for fp32 products, are unchanged and hold). Tiles are staged in shared memory with
-// cp.async, double buffered per warp; the edges (residual rows, a tile crossing qv or the end) read
+// cp.async, double buffered per warp (4-bit value rows and the p' tile XOR-swizzled so that
+// ldmatrix rows hit distinct banks); the edges (residual rows, a tile crossing qv or the end) read
 // global memory directly.
 namespace kivi_mma {
 
@@ -866,11 +871,25 @@ struct Layout {
   static constexpr int kSmemBytes = kBlockBytes + kWarpsPerBlock * kWarpBytes;
 };
 
-// Per-thread constants of the field decode: the PRMT selector that brings byte g/2 of word x into
-// byte 0 and of word y into byte 2, and for each of the two rows the mask and the HFMA2 factors.
-struct Decoder {
+// 2-bit codes, thread (g, t): the PRMT selector that brings byte g / 2 of word x into byte 0 and
+// of word y into byte 2; its nibble g & 1 holds fields 2g (bits 0-1, row g) and 2g + 1 (bits 2-3,
+// row g + 8), each masked under the exponent of 1024 and scaled back by an HFMA2 as in code_pair.
+// (Decoding a whole byte per PRMT with four fixed fields, as 4-bit does, was measured 13 % slower
+// on the H100: 73 against 59 M instructions.)
+struct NibbleDecoder {
   std::uint32_t sel, mask0, mask1;
   __half2 mul0, add0, mul1, add1;
+  __device__ explicit NibbleDecoder(int g) {
+    sel = static_cast<std::uint32_t>((g >> 1) | ((4 + (g >> 1)) << 8));
+    const int shift = 4 * (g & 1);
+    const float m = (g & 1) ? 1.0f / 16.0f : 1.0f;
+    mask0 = 0x00030003u << shift;
+    mask1 = 0x000C000Cu << shift;
+    mul0 = __float2half2_rn(m);
+    add0 = __float2half2_rn(-1024.0f * m);
+    mul1 = __float2half2_rn(m / 4.0f);
+    add1 = __float2half2_rn(-1024.0f * m / 4.0f);
+  }
   __device__ inline std::uint32_t row0(std::uint32_t x) const {
     return h2u(__hfma2(u2h((x & mask0) | 0x64006400u), mul0, add0));
   }
@@ -882,33 +901,25 @@ struct Decoder {
   }
 };
 
-template <int Bits>
-__device__ inline Decoder make_decoder(int g) {
-  Decoder d;
-  if constexpr (Bits == 2) {
-    // Byte g / 2; its nibble g & 1 holds fields 2g (bits 0-1, row g) and 2g + 1 (bits 2-3, row
-    // g + 8).
-    d.sel = static_cast<std::uint32_t>((g >> 1) | ((4 + (g >> 1)) << 8));
-    const int shift = 4 * (g & 1);
-    const float m = (g & 1) ? 1.0f / 16.0f : 1.0f;
-    d.mask0 = 0x00030003u << shift;
-    d.mask1 = 0x000C000Cu << shift;
-    d.mul0 = __float2half2_rn(m);
-    d.add0 = __float2half2_rn(-1024.0f * m);
-    d.mul1 = __float2half2_rn(m / 4.0f);
-    d.add1 = __float2half2_rn(-1024.0f * m / 4.0f);
-  } else {
-    // A whole byte per PRMT, byte g & 3 (of the word the caller picked by g / 4): its low nibble
-    // is row g, its high nibble row g + 8.
-    d.sel = static_cast<std::uint32_t>((g & 3) | ((4 + (g & 3)) << 8));
-    d.mask0 = 0x000F000Fu;
-    d.mask1 = 0x00F000F0u;
-    d.mul0 = __float2half2_rn(1.0f);
-    d.add0 = __float2half2_rn(-1024.0f);
-    d.mul1 = __float2half2_rn(1.0f / 16.0f);
-    d.add1 = __float2half2_rn(-64.0f);
-  }
-  return d;
+// Field k (Bits wide, at bit Bits k of byte 0 and of byte 2 of x) as an exact f16 pair: one LOP3
+// puts it under the exponent of 1024 (x = 1024 + f 2^(Bits k), exact: the field stays inside the
+// mantissa), one HFMA2 by 2^-(Bits k), -1024 2^-(Bits k) leaves f.
+template <int Bits, int k>
+__device__ inline std::uint32_t code_pair(std::uint32_t x) {
+  constexpr std::uint32_t kField = ((1u << Bits) - 1u) << (Bits * k);
+  constexpr std::uint32_t kMul = (15u - Bits * k) << 10;              // f16 2^-(Bits k)
+  constexpr std::uint32_t kAdd = 0x8000u | ((25u - Bits * k) << 10);  // f16 -1024 2^-(Bits k)
+  return h2u(__hfma2(u2h((x & (kField | kField << 16)) | 0x64006400u), u2h(kMul | kMul << 16),
+                     u2h(kAdd | kAdd << 16)));
+}
+
+// 4-bit value rows of kChunks (2 or 4) 16-byte chunks: chunk v of token row r is stored at chunk
+// v ^ chunk_swizzle(r), which makes (kChunks r + (v ^ chunk_swizzle(r))) mod 8, the bank group,
+// distinct over any eight consecutive rows (the rows of an ldmatrix matrix).
+template <int kChunks>
+__device__ constexpr int chunk_swizzle(int r) {
+  static_assert(kChunks == 2 || kChunks == 4, "4-bit value rows of D = 64 or 128 channels");
+  return (r / (8 / kChunks)) % kChunks;
 }
 
 // Key scales at or above 1024 (a 2-bit key group spanning more than ~3000, a 4-bit one more than
@@ -979,41 +990,59 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
   const auto* v_res = reinterpret_cast<const __half*>(p.v.residual.at(b, kv_head));
 
   // q, its per-head power-of-two scale, and the B fragments of q: thread (g, t) of k-step s holds
-  // column g (head g % G), channels 16 s + 4 t + 0 .. 3 (k slots 2t, 2t + 1, 2t + 8, 2t + 9).
+  // column g (head g % G), channels key_channel(s, t, 0 .. 3) (k slots 2t, 2t + 1, 2t + 8, 2t + 9).
   load_q_scaled<D, G>(p, b, kv_head, kQTop, p.scale_log2, q_raw, q_scale, q_unscale);
+  // Channel of k slot 2t + (i & 1) + 8 (i >> 1) of key k-step s for thread t: 2-bit, channels
+  // 16 s + 4 t .. 4 t + 3 (its word loads give four adjacent channels); 4-bit, the ldmatrix order
+  // 16 s + 2 t + {0, 1, 8, 9}.
+  const auto key_channel = [](int s, int tq, int i) {
+    return Bits == 2 ? 16 * s + 4 * tq + i : 16 * s + 2 * tq + (i & 1) + 8 * (i >> 1);
+  };
   for (int idx = threadIdx.x; idx < kKS * 32; idx += kWarpsPerBlock * 32) {
     const int ln = idx % 32, s = idx / 32, h = (ln >> 2) % G;
-    const float* qr = q_raw + h * D + 16 * s + 4 * (ln & 3);
+    const float* qr = q_raw + h * D;
     const float f = q_scale[h];
-    qh[idx] = make_uint2(h2u(__floats2half2_rn(qr[0] * f, qr[1] * f)),
-                         h2u(__floats2half2_rn(qr[2] * f, qr[3] * f)));
+    const auto at = [&](int i) { return qr[key_channel(s, ln & 3, i)] * f; };
+    qh[idx] =
+        make_uint2(h2u(__floats2half2_rn(at(0), at(1))), h2u(__floats2half2_rn(at(2), at(3))));
   }
   // The warp's p' tile starts at zero: columns no thread writes (2 kPairs and up) stay zero.
   for (int i = lane; i < kVS * 512 / 16; i += 32)
     reinterpret_cast<uint4*>(Bv)[i] = make_uint4(0u, 0u, 0u, 0u);
   __syncthreads();
 
-  const Decoder dec = make_decoder<Bits>(g);
-  const int h = g >> 2, q4 = g & 3;
+  const NibbleDecoder dec(g);  // 2-bit
   // Tile token of row g (r = 0) / g + 8 (r = 1) of key m-tile mt: 2-bit, the fields of nibble g
-  // of word mt; 4-bit, the two nibbles of byte g % 4 of word 2 (g / 4) + mt.
+  // of word mt; 4-bit, the nibbles of byte 2g (m-tile 0) and 2g + 1 (m-tile 1) of the channel's
+  // 16 bytes (ldmatrix.trans half-word g: tokens 4g .. 4g + 3).
   const auto key_token = [&](int mt, int r) {
-    return Bits == 2 ? 16 * mt + 2 * g + r : 16 * h + 8 * mt + 2 * q4 + r;
+    return Bits == 2 ? 16 * mt + 2 * g + r : 4 * g + 2 * mt + r;
   };
   // Channel of row g (r = 0) / g + 8 (r = 1) of value m-tile i (inside value slot i / 2): 2-bit,
-  // the fields of nibble g of word i; 4-bit, the two nibbles of byte g % 4 of word 4 (i / 2) +
-  // 2 (g / 4) + i % 2.
+  // the fields of nibble g of word i; 4-bit, the nibbles of byte 2g + (i & 1) of the token's 16
+  // bytes of slot i / 2 (ldmatrix.trans half-word g: channels 32 (i / 2) + 4g .. 4g + 3).
   const auto value_channel = [&](int i, int r) {
-    return Bits == 2 ? 16 * i + 2 * g + r : 32 * (i >> 1) + 16 * h + 8 * (i & 1) + 2 * q4 + r;
+    return Bits == 2 ? 16 * i + 2 * g + r : 32 * (i >> 1) + 4 * g + 2 * (i & 1) + r;
   };
   // This thread's score / output columns 2t + c, c = 0, 1: heads (2t + c) % G.
   const float unscale[2] = {q_unscale[(2 * t) % G], q_unscale[(2 * t + 1) % G]};
   // p' columns this thread writes (2 pair, 2 pair + 1: the same heads) and the value slots it
   // takes (twin kSPL + k; twins split the slots between them).
   const int pair = t % L::kPairs, twin = t / L::kPairs;
-  // The k order of the p.V mma: thread t's slots 2t, 2t + 1, 2t + 8, 2t + 9 hold tokens t, t + 4,
-  // t + 8, t + 12 of the k-step (what its value-code loads give), so token r sits in k row:
-  const auto krow = [](int r) { return 8 * (r >> 3) + 2 * (r & 3) + ((r >> 2) & 1); };
+  // The k order of the p.V mma: 2-bit, thread t's slots 2t, 2t + 1, 2t + 8, 2t + 9 hold tokens t,
+  // t + 4, t + 8, t + 12 of the k-step (what its value-code loads give), so token r sits in k row
+  // krow(r); 4-bit, the ldmatrix order (tokens 2t, 2t + 1, 2t + 8, 2t + 9), k row = token.
+  const auto krow = [](int r) {
+    return Bits == 2 ? 8 * (r >> 3) + 2 * (r & 3) + ((r >> 2) & 1) : r;
+  };
+  // Where p' row r (16 bytes) of a slot lies. 4-bit: XOR-swizzled by its bits 3-4, so that the
+  // eight rows a p' write touches (rows g = 0 .. 7 of one m-tile: tokens 4g + const) and the eight
+  // rows of one ldmatrix.trans matrix both fall into eight distinct bank groups. (2-bit rows,
+  // 2g + const through krow, collide only in pairs; swizzling them measured no faster.)
+  const auto p_row = [](int r) { return Bits == 2 ? r : r ^ ((r >> 3) & 3); };
+  // Thread t's first token of the k-step and the step to its second (k slots 2t, 2t + 1).
+  constexpr int kPairStep = Bits == 2 ? 4 : 1;
+  const int k_first = Bits == 2 ? t : 2 * t;
 
   float acc[kKS][4];  // p.V: m-tile i (channels value_channel(i, 0 / 1)), columns 2t, 2t + 1
 #pragma unroll
@@ -1042,7 +1071,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
           if constexpr (Bits == 2)
             cp_async8(st + c * 8, src + c * rw);
           else
-            cp_async16(st + c * 16, src + c * rw);
+            cp_async16(st + c * 16, src + c * rw);  // [channel][16 bytes]: ldmatrix rows
         }
       };
       if (row_words == Bits)
@@ -1062,9 +1091,21 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
     }
     if (t0 + 32 <= vq_end) {
       const unsigned char* src = v_codes + static_cast<std::int64_t>(t0) * kRW * 4;
+      if constexpr (Bits == 2) {
 #pragma unroll
-      for (int j = 0; j < L::kValBytes / (16 * 32); ++j)
-        cp_async16(st + L::kVal + 16 * (lane + 32 * j), src + 16 * (lane + 32 * j));
+        for (int j = 0; j < L::kValBytes / (16 * 32); ++j)
+          cp_async16(st + L::kVal + 16 * (lane + 32 * j), src + 16 * (lane + 32 * j));
+      } else {
+        // 16-byte chunk v (value slot v) of token row tok at chunk v ^ swizzle(tok), so that the
+        // eight token rows of an ldmatrix.trans matrix hit eight distinct bank groups.
+#pragma unroll
+        for (int j = 0; j < L::kValBytes / (16 * 32); ++j) {
+          constexpr int kChunks = kRW / 4;
+          const int e = lane + 32 * j, tok = e / kChunks, v = e % kChunks;
+          cp_async16(st + L::kVal + 16 * (tok * kChunks + (v ^ chunk_swizzle<kChunks>(tok))),
+                     src + 16 * e);
+        }
+      }
       const std::int64_t off = static_cast<std::int64_t>(t0) * value_groups * 2;
       if (lane < 4 * value_groups) {
         cp_async16(st + L::kVScale + 16 * lane, v_scale + off + 16 * lane);
@@ -1099,16 +1140,16 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
       const auto* kw = reinterpret_cast<const std::uint32_t*>(st);
       const auto* kpar = reinterpret_cast<const std::uint32_t*>(st + L::kKPar);
       const bool out_of_range = key_scale_out_of_range<D>(kpar);
+      std::uint32_t lm[4];  // 4-bit: one ldmatrix.trans per two k-steps (32 channel rows)
 #pragma unroll
       for (int s = 0; s < kKS; ++s) {
-        const int c0 = 16 * s + 4 * t;  // this thread's channels c0 .. c0 + 3
-        // (m01, s01, m23, s23): minimums and scales of channels c0, c0 + 1 and c0 + 2, c0 + 3.
-        const uint4 ms = *reinterpret_cast<const uint4*>(kpar + c0);
         const uint2 q2 = qh[s * 32 + lane];
-        const std::uint32_t b0 = h2u(__hmul2(u2h(q2.x), u2h(ms.y)));
-        const std::uint32_t b1 = h2u(__hmul2(u2h(q2.y), u2h(ms.w)));
+        std::uint32_t par[4];  // (m, s) of the channels of k slots 2t, 2t + 1, then 2t + 8, 2t + 9
         std::uint32_t a[2][4];
         if constexpr (Bits == 2) {
+          const int c0 = 16 * s + 4 * t;  // this thread's channels c0 .. c0 + 3
+          const uint4 ms = *reinterpret_cast<const uint4*>(kpar + c0);
+          par[0] = ms.x, par[1] = ms.y, par[2] = ms.z, par[3] = ms.w;
           // [channel][2 words]: word m-tile mt of channels c0 .. c0 + 3.
           const uint4 w01 = *reinterpret_cast<const uint4*>(kw + c0 * 2);
           const uint4 w23 = *reinterpret_cast<const uint4*>(kw + c0 * 2 + 4);
@@ -1122,24 +1163,25 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
             a[mt][3] = dec.row1(x23[mt]);
           }
         } else {
-          // [channel][4 words]: this thread's words 2 (g / 4) + mt of channels c0 .. c0 + 3, one
-          // byte (both rows) per channel and m-tile.
-          uint2 w[4];
-#pragma unroll
-          for (int e = 0; e < 4; ++e)
-            w[e] = *reinterpret_cast<const uint2*>(kw + (c0 + e) * 4 + 2 * h);
-#pragma unroll
-          for (int mt = 0; mt < 2; ++mt) {
-            const std::uint32_t x01 = dec.pair(mt ? w[0].y : w[0].x, mt ? w[1].y : w[1].x);
-            const std::uint32_t x23 = dec.pair(mt ? w[2].y : w[2].x, mt ? w[3].y : w[3].x);
-            a[mt][0] = dec.row0(x01);
-            a[mt][1] = dec.row1(x01);
-            a[mt][2] = dec.row0(x23);
-            a[mt][3] = dec.row1(x23);
-          }
+          // [channel][16 bytes]: lane 8m + r addresses channel row 32 (s / 2) + 8m + r; thread
+          // (g, t) gets half-word g (tokens 4g .. 4g + 3) of channels 16 s + 2t, 2t + 1 (matrix
+          // 2 (s % 2)) and 16 s + 8 + 2t, 2t + 1 (the next), as f16 lanes of one register.
+          if (s % 2 == 0) ldmatrix_x4_trans(lm, st + (32 * (s / 2) + lane) * 16);
+          const uint2 p0 = *reinterpret_cast<const uint2*>(kpar + 2 * (8 * s + t));
+          const uint2 p1 = *reinterpret_cast<const uint2*>(kpar + 2 * (8 * s + 4 + t));
+          par[0] = p0.x, par[1] = p0.y, par[2] = p1.x, par[3] = p1.y;
+          const std::uint32_t x01 = lm[2 * (s % 2)], x23 = lm[2 * (s % 2) + 1];
+          // m-tile 0: byte 2g of each half-word (tokens 4g, 4g + 1 = rows g, g + 8); m-tile 1:
+          // byte 2g + 1, moved down by a shift.
+          a[0][0] = code_pair<4, 0>(x01), a[0][1] = code_pair<4, 1>(x01);
+          a[0][2] = code_pair<4, 0>(x23), a[0][3] = code_pair<4, 1>(x23);
+          a[1][0] = code_pair<4, 0>(x01 >> 8), a[1][1] = code_pair<4, 1>(x01 >> 8);
+          a[1][2] = code_pair<4, 0>(x23 >> 8), a[1][3] = code_pair<4, 1>(x23 >> 8);
         }
+        const std::uint32_t b0 = h2u(__hmul2(u2h(q2.x), u2h(par[1])));
+        const std::uint32_t b1 = h2u(__hmul2(u2h(q2.y), u2h(par[3])));
         // Rows g only (rows g + 8 get scales in their A slots and are not used).
-        mma16816(kbias, ms.x, ms.y, ms.z, ms.w, q2.x, q2.y);
+        mma16816(kbias, par[0], par[1], par[2], par[3], q2.x, q2.y);
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt)
           mma16816(sc[mt], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b0, b1);
@@ -1155,11 +1197,13 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
         const __half* row1 = k_res + static_cast<std::int64_t>(r1 - qk) * D;
 #pragma unroll
         for (int s = 0; s < kKS; ++s) {
-          const int c0 = 16 * s + 4 * t;
-          const uint2 v0 = r0 < end ? *reinterpret_cast<const uint2*>(row0 + c0) : make_uint2(0, 0);
-          const uint2 v1 = r1 < end ? *reinterpret_cast<const uint2*>(row1 + c0) : make_uint2(0, 0);
+          // Channels key_channel(s, t, 0 / 1) and (2 / 3): two adjacent pairs.
+          const auto at = [&](const __half* row, bool live, int i) {
+            return live ? *reinterpret_cast<const std::uint32_t*>(row + key_channel(s, t, i)) : 0u;
+          };
           const uint2 q2 = qh[s * 32 + lane];
-          mma16816(sc[mt], v0.x, v1.x, v0.y, v1.y, q2.x, q2.y);
+          mma16816(sc[mt], at(row0, r0 < end, 0), at(row1, r1 < end, 0), at(row0, r0 < end, 2),
+                   at(row1, r1 < end, 2), q2.x, q2.y);
         }
       }
     }
@@ -1219,7 +1263,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
         for (int row = 0; row < 2; ++row) {
           const int tk = tok(mt, row);
           const float p0 = sc[mt][2 * row], p1 = sc[mt][2 * row + 1];
-          unsigned char* dst = Bv + (16 * (tk >> 4) + krow(tk & 15)) * 16 + 4 * pair;
+          unsigned char* dst = Bv + p_row(16 * (tk >> 4) + krow(tk & 15)) * 16 + 4 * pair;
           float s[kSPL], m[kSPL];
           params(tk, s, m);
 #pragma unroll
@@ -1287,16 +1331,17 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
         // Lanes 8m .. 8m + 7 address matrix m: slot v2 + m / 2, k rows 8 (m & 1) + 0 .. 7.
         const int m = lane >> 3;
         std::uint32_t r[4];
-        ldmatrix_x4_trans(r,
-                          Bv + (v2 + (m >> 1)) * 512 + (16 * ks + 8 * (m & 1) + (lane & 7)) * 16);
+        ldmatrix_x4_trans(
+            r, Bv + (v2 + (m >> 1)) * 512 + p_row(16 * ks + 8 * (m & 1) + (lane & 7)) * 16);
         bv[v2][0] = r[0], bv[v2][1] = r[1], bv[v2 + 1][0] = r[2], bv[v2 + 1][1] = r[3];
       }
       if (values_fast) {
-        const auto* vw = reinterpret_cast<const std::uint32_t*>(st + L::kVal);
-        const std::uint32_t* rows[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) rows[e] = vw + (16 * ks + t + 4 * e) * kRW;
+        const unsigned char* vst = st + L::kVal;
         if constexpr (Bits == 2) {
+          const auto* vw = reinterpret_cast<const std::uint32_t*>(vst);
+          const std::uint32_t* rows[4];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) rows[e] = vw + (16 * ks + t + 4 * e) * kRW;
 #pragma unroll
           for (int c4 = 0; c4 < kRW / 4; ++c4) {
             uint4 r[4];
@@ -1316,20 +1361,23 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
             }
           }
         } else {
-          // Slot v: this thread's words 4v + 2 (g / 4) + e of its four tokens are m-tiles 2v + e,
-          // one byte (both rows) per token and m-tile.
+          // Per two slots one ldmatrix.trans: matrix m = slot v2 + m / 2, tokens 8 (m & 1) + 0 .. 7
+          // of the k-step; thread (g, t) gets half-word g (channels 32 v + 4g .. 4g + 3) of tokens
+          // 2t, 2t + 1 (and 2t + 8, 2t + 9 from the next matrix). m-tile 2v: the nibbles of byte
+          // 2g (rows g, g + 8), m-tile 2v + 1: those of byte 2g + 1.
 #pragma unroll
-          for (int v = 0; v < kVS; ++v) {
-            uint2 r[4];
-#pragma unroll
-            for (int e = 0; e < 4; ++e)
-              r[e] = *reinterpret_cast<const uint2*>(rows[e] + 4 * v + 2 * h);
+          for (int v2 = 0; v2 < kVS; v2 += 2) {
+            const int m = lane >> 3, v = v2 + (m >> 1), tok = 16 * ks + 8 * (m & 1) + (lane & 7);
+            std::uint32_t r[4];
+            ldmatrix_x4_trans(r, vst + 16 * (tok * (kRW / 4) + (v ^ chunk_swizzle<kRW / 4>(tok))));
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-              const std::uint32_t x01 = dec.pair(e ? r[0].y : r[0].x, e ? r[1].y : r[1].x);
-              const std::uint32_t x23 = dec.pair(e ? r[2].y : r[2].x, e ? r[3].y : r[3].x);
-              mma16816(acc[2 * v + e], dec.row0(x01), dec.row1(x01), dec.row0(x23), dec.row1(x23),
-                       bv[v][0], bv[v][1]);
+#pragma unroll
+              for (int e2 = 0; e2 < 2; ++e2) {
+                const std::uint32_t x01 = r[2 * e] >> (8 * e2), x23 = r[2 * e + 1] >> (8 * e2);
+                mma16816(acc[2 * (v2 + e) + e2], code_pair<4, 0>(x01), code_pair<4, 1>(x01),
+                         code_pair<4, 0>(x23), code_pair<4, 1>(x23), bv[v2 + e][0], bv[v2 + e][1]);
+              }
             }
           }
         }
@@ -1347,14 +1395,14 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
           if (tk < end) return v_res[static_cast<std::int64_t>(tk - qv) * D + ch];
           return __float2half_rn(0.0f);
         };
-        const int tk0 = t0 + 16 * ks + t;
+        const int tk0 = t0 + 16 * ks + k_first, tk1 = tk0 + kPairStep;
 #pragma unroll
         for (int i = 0; i < kKS; ++i) {
           const int ch0 = value_channel(i, 0), ch1 = value_channel(i, 1);
-          mma16816(acc[i], pack_halves(element(tk0, ch0), element(tk0 + 4, ch0)),
-                   pack_halves(element(tk0, ch1), element(tk0 + 4, ch1)),
-                   pack_halves(element(tk0 + 8, ch0), element(tk0 + 12, ch0)),
-                   pack_halves(element(tk0 + 8, ch1), element(tk0 + 12, ch1)), bv[i / 2][0],
+          mma16816(acc[i], pack_halves(element(tk0, ch0), element(tk1, ch0)),
+                   pack_halves(element(tk0, ch1), element(tk1, ch1)),
+                   pack_halves(element(tk0 + 8, ch0), element(tk1 + 8, ch0)),
+                   pack_halves(element(tk0 + 8, ch1), element(tk1 + 8, ch1)), bv[i / 2][0],
                    bv[i / 2][1]);
         }
       }
