@@ -28,8 +28,23 @@ constexpr int kTimedCalls = 30;
 
 double median_ms(auto&& call) { return kvc_bench::median_ms(call, kTimedCalls); }
 
+// Random bf16 values tiled from a 4 Mi-element block (timing does not depend on the values; this
+// keeps the set-up of the 128K shapes short).
+rt::DeviceBuffer tiled_random_bf16(std::size_t count, std::uint32_t seed) {
+  const std::size_t block = std::min<std::size_t>(count, 1u << 22);
+  rt::DeviceBuffer source = kvc_bench::uniform_random_bf16(block, seed);
+  rt::DeviceBuffer buffer(count * sizeof(kvc::bf16));
+  for (std::size_t at = 0; at < count; at += block)
+    rt::copy_device_to_device(buffer.as<kvc::bf16>() + at, source.data(),
+                              std::min(block, count - at) * sizeof(kvc::bf16), kvc::Cuda{});
+  rt::synchronize(kvc::Cuda{});
+  return buffer;
+}
+
 // One decode shape's inputs (Args: batch, Hq, Hkv, D, context): K and V rotating over `sets`, the
-// query, the output and every sequence at full length. Values in [-2, 2) from `random_bf16`.
+// query, the output and every sequence at full length. Values in [-2, 2) from `random_bf16`
+// (tiled_random_bf16 for the timed shapes: several GB of host-side random numbers per shape would
+// dominate the run).
 struct DecodeInputs {
   std::int64_t batch, q_heads, kv_heads, d, t;
   std::size_t kv_bytes;  // K + V of one set
@@ -71,7 +86,7 @@ struct DecodeInputs {
 };
 
 void decode_attention(benchmark::State& state) {
-  const DecodeInputs in(state, kvc_bench::uniform_random_bf16, 10);
+  const DecodeInputs in(state, tiled_random_bf16, 10);
   const std::size_t workspace_floats = kvc::ops::decode_attention_workspace_floats(
       static_cast<int>(in.batch), static_cast<int>(in.q_heads), static_cast<int>(in.kv_heads),
       static_cast<int>(in.d), static_cast<int>(in.t));
@@ -119,19 +134,6 @@ BENCHMARK(decode_attention)
 // compulsory traffic over the plain kernel: the score buffer read + written (2 * B * Hkv * T * 4
 // bytes) and each key's G raw scores written and read back (2 * B * Hq * T * 4 bytes): at D 128,
 // G 4 that is 40 bytes per key and KV head against 512 of K + V, ratio >= 1.08 at equal bandwidth.
-
-// Random bf16 values tiled from a 4 Mi-element block (timing does not depend on the values; this
-// keeps the set-up of the 128K shapes short).
-rt::DeviceBuffer tiled_random_bf16(std::size_t count, std::uint32_t seed) {
-  const std::size_t block = std::min<std::size_t>(count, 1u << 22);
-  rt::DeviceBuffer source = kvc_bench::uniform_random_bf16(block, seed);
-  rt::DeviceBuffer buffer(count * sizeof(kvc::bf16));
-  for (std::size_t at = 0; at < count; at += block)
-    rt::copy_device_to_device(buffer.as<kvc::bf16>() + at, source.data(),
-                              std::min(block, count - at) * sizeof(kvc::bf16), kvc::Cuda{});
-  rt::synchronize(kvc::Cuda{});
-  return buffer;
-}
 
 void decode_attention_with_scores(benchmark::State& state) {
   const DecodeInputs in(state, tiled_random_bf16, 20);
