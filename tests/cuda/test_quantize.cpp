@@ -398,6 +398,9 @@ TEST_CASE("cuda channel blocks (KIVI keys) equal the CPU store byte for byte", "
       {1, 2, 256, 128, 2, 128, P::f16}, {1, 1, 16, 20, 4, 8, P::f16},  // D = 20: scalar loads
       {3, 2, 256, 64, 4, 256, P::f32},                                 // G = 256: 32 KB tiles
       {1, 1, 0, 64, 2, 32, P::f16},                                    // nothing to quantize
+      {2, 2, 128, 128, 2, 64, P::f16},  // register kernel with G = 64
+      {1, 3, 64, 6, 4, 16, P::f32},     // D = 6: three channel pairs, G = 16
+      {2, 1, 64, 96, 8, 32, P::f16},    // 8 bits, G = 32
   };
   std::uint32_t seed = 11;
   for (const auto& c : cases) {

@@ -3,8 +3,8 @@
 // so that a cache filled on the device holds the same bytes as the CPU stores.
 //
 //   kvc::ops::QuantSpec kivi2{.bits = 2, .group = 32};
-//   kvc::ops::quantize_channel_blocks(kvc::Cuda{s}, keys, kivi2, key_blocks);   // keys [B, H, n,
-//   D] kvc::ops::quantize_token_rows(kvc::Cuda{s}, values, kivi2, value_rows);     // per token
+//   kvc::ops::quantize_channel_blocks(kvc::Cuda{s}, keys, kivi2, key_blocks);  // per channel
+//   kvc::ops::quantize_token_rows(kvc::Cuda{s}, values, kivi2, value_rows);    // per token
 //   kvc::ops::flush_channel_residual(kvc::Cuda{s}, residual, kivi2, key_blocks, rows, quantized);
 //
 // Inputs are bf16 or f16 [B, H, n, D] device views with any strides (channels contiguous): a
