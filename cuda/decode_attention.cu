@@ -2,12 +2,12 @@
 //
 // One block per (split of the tokens, KV head, sequence), flash-decoding: a second kernel merges
 // the splits (cuda/split_merge.cuh), all with base-2 exponentials on log2(e)-scaled scores. In the
-// split kernel one producer warp streams the split's K and V rows into a ring of shared-memory
-// stages with bulk copies (cp.async.bulk, completion counted by mbarriers), so the bytes in flight
-// do not cost registers; consumer warps take whole 32-key stages and do q K^T and P V on tensor
-// cores (mma.m16n8k16, fp32 accumulation), the G query heads of the GQA group sharing every key and
-// value; each consumer keeps an online softmax per head, and the consumers are merged in shared
-// memory at the end of the block.
+// split kernel one producer thread streams the split's K and V rows into a ring of shared-memory
+// stages with tensor copies (cp.async.bulk.tensor through CUtensorMaps, completion counted by
+// mbarriers), so the bytes in flight do not cost registers; consumer warps take whole 32-key stages
+// and do q K^T and P V on tensor cores (mma.m16n8k16, fp32 accumulation), the G query heads of the
+// GQA group sharing every key and value; each consumer keeps an online softmax per head, and the
+// consumers are merged in shared memory at the end of the block.
 //
 // With kScores (decode_attention_with_scores) the same kernels also produce each key's attention
 // probabilities summed over the GQA group. A probability needs the head's final max M and
@@ -16,6 +16,8 @@
 // M and L of their G heads from the splits' partials and turn the raw scores into
 // exp2(s - M) / L (s <= M, so no overflow), rounded and summed over the group into the caller's
 // buffer. With a single split the block does that itself at its end. K is read once.
+#include <cuda.h>  // CUtensorMap and its enums (the driver entry point comes through the runtime)
+#include <cudaTypedefs.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -23,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "check.cuh"
 #include "kvc/core/dispatch.hpp"
@@ -32,6 +35,8 @@
 
 namespace kvc::ops {
 namespace {
+
+using namespace ptx;  // ldmatrix, mma.sync
 
 using split_merge::SplitPlan;
 
@@ -117,12 +122,15 @@ __device__ inline __nv_bfloat16 from_float(float x, const __nv_bfloat16*) {
 }
 __device__ inline __half from_float(float x, const __half*) { return __float2half_rn(x); }
 
-// ---- The split kernel: K/V tiles by bulk copies into a shared-memory ring, math on tensor cores.
+// ---- The split kernel: K/V tiles by TMA into a shared-memory ring, math on tensor cores.
 //
-// Warp kConsumers of the block is the producer: it copies a stage's 32 keys and 32 values with
-// cp.async.bulk, one copy per band of 4 rows when the rows are contiguous, else one per row (any
-// row stride works: rows are 16-byte aligned, checked on the host), the stage's mbarrier counting
-// the bytes. Consumer warp w takes stages w, w + kConsumers, ...: for its 32 keys
+// One elected thread of warp kConsumers is the producer: it copies a stage's 32 keys and 32 values
+// with cp.async.bulk.tensor through the K and V tensor maps (CUtensorMap, encoded on the host over
+// the [B, Hkv, Tmax, D] views, so any row stride works), the stage's mbarrier counting the bytes.
+// The copies are made by the tensor memory accelerator, not by a thread: compute-sanitizer's
+// racecheck does not attribute their shared-memory writes to the issuing thread (it did for raw
+// cp.async.bulk, reporting hazards against the consumers' reads that the mbarriers order).
+// Consumer warp w takes stages w, w + kConsumers, ...: for its 32 keys
 //   S = q K^T  as mma.m16n8k16, m = the G heads (rows >= G are zero), n = 8 keys, k = 16 channels;
 //   online softmax on S (thread (g, t) holds head g and 8 of the keys);
 //   O^T += V^T P^T  as mma.m16n8k16, m = 16 channels, n = heads, k = 16 keys: S's accumulator
@@ -130,24 +138,35 @@ __device__ inline __half from_float(float x, const __half*) { return __float2hal
 // q and K are exact in the storage type and their products exact in fp32; P is sent as three terms
 // hi + mid + lo of the storage type (8 + 8 + 8 bits for bf16), i.e. p to about 2^-24, and every
 // mma accumulates in fp32.
-constexpr int kStageTokens = 32;    // one producer lane per row; one consumer warp per stage
-constexpr int kBarrierBytes = 256;  // up to 16 stages: full and empty barriers
+constexpr int kStageTokens = 32;  // one consumer warp per stage
 
-// A stage holds its keys in 8 bands of 4 consecutive rows (one bulk copy per band when the rows
-// are contiguous in memory), each band padded by 16 bytes: key 4 b + r is row r of band b, and
-// every ldmatrix reads one row from each of the 8 bands (8 distinct 16-byte bank groups, no bank
-// conflicts). Hence the key orders below: n-tile n of q K^T holds keys 4 c + n (column c).
-constexpr int kBandRows = 4;
-constexpr int kBands = kStageTokens / kBandRows;
+// A stage holds K then V, each as D / 64 boxes of 64 channels (128 bytes) x 32 rows, written by
+// the tensor copies with the 128-byte swizzle: the 16-byte chunk c of row r lies at chunk
+// c ^ (r % 8) of the row (within each 1024-byte atom of 8 rows; the boxes start on 1024-byte
+// boundaries). Every ldmatrix reads 8 consecutive rows at one logical chunk, i.e. 8 distinct
+// physical chunks: no bank conflicts. Keys keep their order: row r of a stage is key first + r.
+constexpr int kBoxChannels = 64;
+constexpr int kRowBytes = kBoxChannels * 2;          // one swizzle row
+constexpr int kBoxBytes = kStageTokens * kRowBytes;  // 4 KB
+constexpr int kRingAlign = 1024;                     // the swizzle atom
 template <int D>
-constexpr int kBandBytes = (kBandRows * D * 2) + 16;
-template <int D>
-constexpr int kStageBytes = 2 * (kBands * kBandBytes<D>);  // K bands, then V bands
+constexpr int kStageBytes = 2 * (D / kBoxChannels) * kBoxBytes;  // K boxes, then V boxes
+constexpr int kBarrierBytes = 128;  // after the ring: full and empty barriers, up to 8 stages
 
+// The dynamic shared memory: the ring from the first 1024-byte boundary (slack for the rounding
+// up), then the barriers.
 template <int D, int kStages>
 constexpr int split_smem_bytes() {
-  return kBarrierBytes + kStages * kStageBytes<D>;
+  return kRingAlign + kStages * kStageBytes<D> + kBarrierBytes;
 }
+
+// The K and V tensor maps of one call, a kernel parameter (__grid_constant__: the copies name the
+// maps by their parameter address). CUtensorMap carries its own alignment (128 bytes in CUDA 13,
+// above the 64 the copies need).
+struct KvMaps {
+  CUtensorMap k;
+  CUtensorMap v;
+};
 
 __device__ inline unsigned smem_u32(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
@@ -177,36 +196,21 @@ __device__ inline void mbarrier_wait(std::uint64_t* bar, unsigned parity) {
         : "memory");
   } while (!done);
 }
-// `bytes` (a multiple of 16, both addresses 16-byte aligned) from global to shared memory; the
-// barrier's transaction count drops by `bytes` when they have landed.
-__device__ inline void bulk_load(void* smem_dst, const void* src, unsigned bytes,
-                                 std::uint64_t* bar) {
+__device__ inline void prefetch_tensor_map(const CUtensorMap* map) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<std::uint64_t>(map)) : "memory");
+}
+// The box of `map` at element coordinates (channel, token, head, sequence) into shared memory;
+// rows past the view's Tmax arrive as zeros. The barrier's transaction count drops by the box's
+// bytes when they have landed.
+__device__ inline void tensor_load(void* smem_dst, const CUtensorMap* map, int channel, int token,
+                                   int head, int sequence, std::uint64_t* bar) {
   asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::
-          "r"(smem_u32(smem_dst)),
-      "l"(src), "r"(bytes), "r"(smem_u32(bar))
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(smem_u32(smem_dst)),
+      "l"(reinterpret_cast<std::uint64_t>(map)), "r"(channel), "r"(token), "r"(head), "r"(sequence),
+      "r"(smem_u32(bar))
       : "memory");
 }
-
-__device__ inline void mma16816(float (&c)[4], std::uint32_t a0, std::uint32_t a1, std::uint32_t a2,
-                                std::uint32_t a3, std::uint32_t b0, std::uint32_t b1,
-                                const __nv_bfloat16*) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-__device__ inline void mma16816(float (&c)[4], std::uint32_t a0, std::uint32_t a1, std::uint32_t a2,
-                                std::uint32_t a3, std::uint32_t b0, std::uint32_t b1,
-                                const __half*) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 // (x0, x1) rounded to a storage-type pair (x0 in the low half, the mma's lower index), and back.
 __device__ inline std::uint32_t pack2(float x0, float x1, const __nv_bfloat16*) {
   const __nv_bfloat162 h = __floats2bfloat162_rn(x0, x1);
@@ -239,11 +243,11 @@ __device__ inline void split3(float x0, float x1, std::uint32_t& hi, std::uint32
 }
 
 template <class T, int D, int G, bool kScores, int kStages, int kConsumers>
-__global__ void __launch_bounds__(32 * (kConsumers + 1)) decode_split_kernel(DecodeParams<T> p) {
+__global__ void __launch_bounds__(32 * (kConsumers + 1))
+    decode_split_kernel(DecodeParams<T> p, const __grid_constant__ KvMaps maps) {
   constexpr int kThreads = 32 * (kConsumers + 1);
-  constexpr int kBand = kBandBytes<D>;
-  constexpr int kRow = D * 2;     // a row within its band
-  constexpr int kSteps = D / 16;  // k-steps of q K^T, m-tiles of V^T P^T
+  constexpr int kBoxes = D / kBoxChannels;  // per stage, of K and of V
+  constexpr int kSteps = D / 16;            // k-steps of q K^T, m-tiles of V^T P^T
   static_assert(2 * kStages * 8 <= kBarrierBytes, "the ring's barriers");
   // Consumer w takes the stages s = w (mod kConsumers) and waits on full[s % kStages] by phase
   // parity, which only tells the current phase from the one before: every use of a slot must come
@@ -252,10 +256,10 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) decode_split_kernel(Dec
   static_assert(kConsumers * G * (D + 2) * 4 <= kStages * kStageBytes<D>,
                 "the consumers' partials reuse the ring");
   const T* tag = nullptr;
-  extern __shared__ __align__(128) unsigned char smem[];
-  auto* full = reinterpret_cast<std::uint64_t*>(smem);  // a stage's bytes have landed
-  auto* empty = full + kStages;                         // a stage's consumer is done with it
-  unsigned char* ring = smem + kBarrierBytes;
+  extern __shared__ __align__(1024) unsigned char smem[];
+  unsigned char* ring = smem + (kRingAlign - smem_u32(smem) % kRingAlign) % kRingAlign;
+  auto* full = reinterpret_cast<std::uint64_t*>(ring + kStages * kStageBytes<D>);  // landed
+  auto* empty = full + kStages;  // a stage's consumer is done with it
 
   const int split = blockIdx.x, kv_head = blockIdx.y, b = blockIdx.z;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -281,31 +285,27 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) decode_split_kernel(Dec
   for (int j = 0; j < kSteps; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 
   if (warp == kConsumers) {
-    const T* k_rows = p.k + b * p.k_batch + kv_head * p.k_head;
-    const T* v_rows = p.v + b * p.v_batch + kv_head * p.v_head;
-    const bool contiguous = p.k_token == D && p.v_token == D;
-    const int band = lane / kBandRows, row = lane % kBandRows;
-    for (int s = 0; s < stages; ++s) {
-      const int slot = s % kStages;
-      if (s >= kStages) mbarrier_wait(&empty[slot], (s / kStages - 1) & 1);
-      if (lane == 0) mbarrier_arrive_expect_tx(&full[slot], 2 * kStageTokens * D * sizeof(T));
-      __syncwarp();
-      const int first = begin + s * kStageTokens, band_first = first + band * kBandRows;
-      unsigned char* k_dst = ring + slot * kStageBytes<D> + band * kBand + row * kRow;
-      unsigned char* v_dst = k_dst + kBands * kBand;
-      if (contiguous && band_first + kBandRows <= end) {
-        if (row == 0) {  // the whole band at once
-          bulk_load(k_dst, k_rows + band_first * p.k_token, kBandRows * kRow, &full[slot]);
-          bulk_load(v_dst, v_rows + band_first * p.v_token, kBandRows * kRow, &full[slot]);
+    if (lane == 0) {
+      prefetch_tensor_map(&maps.k);
+      prefetch_tensor_map(&maps.v);
+      for (int s = 0; s < stages; ++s) {
+        const int slot = s % kStages;
+        if (s >= kStages) mbarrier_wait(&empty[slot], (s / kStages - 1) & 1);
+        // Whole boxes count, rows past Tmax (zero-filled) included.
+        mbarrier_arrive_expect_tx(&full[slot], kStageBytes<D>);
+        const int first = begin + s * kStageTokens;
+        unsigned char* k_dst = ring + slot * kStageBytes<D>;
+        unsigned char* v_dst = k_dst + kBoxes * kBoxBytes;
+#pragma unroll
+        for (int box = 0; box < kBoxes; ++box) {
+          tensor_load(k_dst + box * kBoxBytes, &maps.k, box * kBoxChannels, first, kv_head, b,
+                      &full[slot]);
+          tensor_load(v_dst + box * kBoxBytes, &maps.v, box * kBoxChannels, first, kv_head, b,
+                      &full[slot]);
         }
-      } else {
-        // Row by row; rows past the end re-read the last valid row: finite values, masked out of
-        // the softmax.
-        const int token = min(first + lane, end - 1);
-        bulk_load(k_dst, k_rows + token * p.k_token, kRow, &full[slot]);
-        bulk_load(v_dst, v_rows + token * p.v_token, kRow, &full[slot]);
       }
     }
+    __syncwarp();
   } else {
     // q as the A operand of q K^T (row g = head g, rows >= G and g + 8 zero), unscaled: exact.
     std::uint32_t qa[kSteps][2];
@@ -322,15 +322,35 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) decode_split_kernel(Dec
     float* raw = nullptr;
     if constexpr (kScores)
       raw = p.raw_scores + (static_cast<std::int64_t>(b) * p.kv_heads + kv_head) * p.max_length * G;
-    const int r8 = lane % 8, m4 = lane / 8;  // ldmatrix: row within a matrix, which matrix
+    // ldmatrix: lane 8 m4 + r8 gives row r8 of matrix m4. Its offsets within a stage's K / V, for
+    // logical chunk m4 (K) or m4 % 2 (V) of row r8 (+ 8 (m4 / 2) for V); the loops below add
+    // whole rows and boxes and flip the upper chunk bits (XOR: the swizzle is a XOR).
+    const int r8 = lane % 8, m4 = lane / 8;
+    const unsigned k_lane = r8 * kRowBytes + ((m4 ^ r8) << 4);
+    const unsigned v_lane = (8 * (m4 / 2) + r8) * kRowBytes + (((m4 % 2) ^ r8) << 4);
     for (int s = warp; s < stages; s += kConsumers) {
       const int slot = s % kStages;
       mbarrier_wait(&full[slot], (s / kStages) & 1);
-      const unsigned char* k_tile = ring + slot * kStageBytes<D>;
-      const unsigned char* v_tile = k_tile + kBands * kBand;
+      unsigned char* stage = ring + slot * kStageBytes<D>;
+      const unsigned k_tile = smem_u32(stage), v_tile = k_tile + kBoxes * kBoxBytes;
+      const int first = begin + s * kStageTokens;
+      if (first + kStageTokens > end) {
+        // V rows past the end hold whatever follows the sequence in the cache (NaN and Inf
+        // included): zero them, so that their zero probabilities give exact zeros. Only the
+        // split's last stage gets here, and no copy lands in its slot afterwards. K needs no
+        // such care: a key's garbage reaches only its own score, masked below.
+        const int valid = end - first;
+        for (int i = valid * (kRowBytes / 16) + lane; i < kStageTokens * (kRowBytes / 16); i += 32)
+#pragma unroll
+          for (int box = 0; box < kBoxes; ++box)
+            *reinterpret_cast<uint4*>(stage + (kBoxes + box) * kBoxBytes + 16 * i) =
+                make_uint4(0u, 0u, 0u, 0u);
+        __syncwarp();
+      }
 
-      // S = q K^T, 4 n-tiles of 8 keys (n-tile n: keys 4 c + n, c = 0 .. 7, from the 8 bands);
-      // ldmatrix matrix m4 = channels 32 kk + 8 m4.
+      // S = q K^T, 4 n-tiles of 8 keys (n-tile n: keys 8 n .. 8 n + 7 of the stage, rows of the
+      // box); ldmatrix matrix m4 = channels 32 kk + 8 m4, logical chunk 4 (kk % 2) + m4 of box
+      // kk / 2.
       float sc[4][4];
 #pragma unroll
       for (int n = 0; n < 4; ++n) {
@@ -338,13 +358,13 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) decode_split_kernel(Dec
 #pragma unroll
         for (int kk = 0; kk < kSteps / 2; ++kk) {
           std::uint32_t kb[4];
-          ptx::ldmatrix_x4(kb, k_tile + r8 * kBand + n * kRow + (32 * kk + 8 * m4) * 2);
-          mma16816(sc[n], qa[2 * kk][0], 0u, qa[2 * kk][1], 0u, kb[0], kb[1], tag);
-          mma16816(sc[n], qa[2 * kk + 1][0], 0u, qa[2 * kk + 1][1], 0u, kb[2], kb[3], tag);
+          ldmatrix_x4(
+              kb, ((k_tile + k_lane) ^ (64 * (kk % 2))) + (kk / 2) * kBoxBytes + 8 * n * kRowBytes);
+          mma16816<T>(sc[n], qa[2 * kk][0], 0u, qa[2 * kk][1], 0u, kb[0], kb[1]);
+          mma16816<T>(sc[n], qa[2 * kk + 1][0], 0u, qa[2 * kk + 1][1], 0u, kb[2], kb[3]);
         }
       }
-      // Thread (g, t): head g, key 8 t + 4 e + n of the stage -> x[2 n + e] (log2 domain).
-      const int first = begin + s * kStageTokens;
+      // Thread (g, t): head g, key 8 n + 2 t + e of the stage -> x[2 n + e] (log2 domain).
       float x[8];
 #pragma unroll
       for (int n = 0; n < 4; ++n) {
@@ -354,13 +374,13 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) decode_split_kernel(Dec
       if (first + kStageTokens > end) {
 #pragma unroll
         for (int i = 0; i < 8; ++i)
-          if (first + 8 * t + 4 * (i % 2) + i / 2 >= end) x[i] = -INFINITY;
+          if (first + 8 * (i / 2) + 2 * t + i % 2 >= end) x[i] = -INFINITY;
       }
       if constexpr (kScores) {
         if (g < G) {
 #pragma unroll
           for (int i = 0; i < 8; ++i) {
-            const int token = first + 8 * t + 4 * (i % 2) + i / 2;
+            const int token = first + 8 * (i / 2) + 2 * t + i % 2;
             if (token < end) raw[static_cast<std::int64_t>(token) * G + g] = x[i];
           }
         }
@@ -388,10 +408,10 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) decode_split_kernel(Dec
         acc[j][0] *= correction0, acc[j][1] *= correction1;
         acc[j][2] *= correction0, acc[j][3] *= correction1;
       }
-      // O^T += V^T P^T, 2 k-steps of 16 keys. P^T's operand, column g = head g: b0 = x of n-tile
-      // 2 ks (k = 2t + e: key 8t + 4e + 2 ks), b1 = x of n-tile 2 ks + 1 (k = 8 + 2t + e: key
-      // 8t + 4e + 2 ks + 1). V^T by ldmatrix.trans, matrix m4: row k' = 2t' + e' is key
-      // 8t' + 4e' + 2 ks + m4 / 2, i.e. row 2 ks + m4 / 2 of band k' (channels 16 j + 8 (m4 % 2)).
+      // O^T += V^T P^T, 2 k-steps of 16 keys, k-step ks = keys 16 ks + k. P^T's operand, column
+      // g = head g: b0 = x of n-tile 2 ks (k = 2t + e), b1 = x of n-tile 2 ks + 1 (k = 8 + 2t + e).
+      // V^T by ldmatrix.trans, matrix m4: keys 16 ks + 8 (m4 / 2) + r8 (the rows), channels
+      // 16 j + 8 (m4 % 2), i.e. logical chunk 2 (j % 4) + m4 % 2 of box j / 4.
 #pragma unroll
       for (int ks = 0; ks < 2; ++ks) {
         std::uint32_t hi[2], mid[2], lo[2];
@@ -400,11 +420,11 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1)) decode_split_kernel(Dec
 #pragma unroll
         for (int j = 0; j < kSteps; ++j) {
           std::uint32_t va[4];
-          ptx::ldmatrix_x4_trans(
-              va, v_tile + r8 * kBand + (2 * ks + m4 / 2) * kRow + (16 * j + 8 * (m4 % 2)) * 2);
-          mma16816(acc[j], va[0], va[1], va[2], va[3], lo[0], lo[1], tag);
-          mma16816(acc[j], va[0], va[1], va[2], va[3], mid[0], mid[1], tag);
-          mma16816(acc[j], va[0], va[1], va[2], va[3], hi[0], hi[1], tag);
+          ldmatrix_x4_trans(
+              va, ((v_tile + v_lane) ^ (32 * (j % 4))) + (j / 4) * kBoxBytes + 16 * ks * kRowBytes);
+          mma16816<T>(acc[j], va[0], va[1], va[2], va[3], lo[0], lo[1]);
+          mma16816<T>(acc[j], va[0], va[1], va[2], va[3], mid[0], mid[1]);
+          mma16816<T>(acc[j], va[0], va[1], va[2], va[3], hi[0], hi[1]);
         }
       }
       __syncwarp();
@@ -549,17 +569,67 @@ SplitPlan plan_splits(int batch, int kv_heads, int max_length) {
 }
 
 // The split kernel with its ring (dynamic shared memory beyond 48 KB must be allowed per kernel).
-// 3 stages, 3 consumers: 4 blocks (50 KB each at D 128) per SM. Measured on the H100 at B 8 /
-// 32K: 0.392 ms; 4 stages and 4 consumers (3 blocks per SM) 0.395; 8 stages and 4 consumers (one
-// block per SM) 0.431.
+// 3 stages, 3 consumers: 4 blocks (51 KB each at D 128) per SM. Measured on the H100 at B 8 /
+// 32K: 0.377 ms (0.96 of copy; the raw bulk copies of 4-row bands before the tensor maps: 0.395 in
+// the same run). With those bulk copies, 4 stages and 4 consumers (3 blocks per SM) were 0.395 ms
+// against 0.392 for 3 and 3, 8 stages and 4 consumers (one block per SM) 0.431.
 template <class T, int D, int G, bool kScores>
-void launch_split(const DecodeParams<T>& p, dim3 grid, cudaStream_t stream) {
+void launch_split(const DecodeParams<T>& p, const KvMaps& maps, dim3 grid, cudaStream_t stream) {
   constexpr int kStages = 3, kConsumers = 3;
   const auto kernel = decode_split_kernel<T, D, G, kScores, kStages, kConsumers>;
   constexpr int bytes = split_smem_bytes<D, kStages>();
   KVC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  kernel<<<grid, 32 * (kConsumers + 1), bytes, stream>>>(p);
+  kernel<<<grid, 32 * (kConsumers + 1), bytes, stream>>>(p, maps);
   KVC_CUDA_CHECK_LAUNCH(stream);
+}
+
+// cuTensorMapEncodeTiled from the driver, through the runtime (no link against libcuda).
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder(const char* op) {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [op] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult status = cudaDriverEntryPointSymbolNotFound;
+    KVC_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000,
+                                                    cudaEnableDefault, &status));
+    KVC_CHECK(status == cudaDriverEntryPointSuccess && fn != nullptr, op,
+              ": the driver has no cuTensorMapEncodeTiled (query status ", static_cast<int>(status),
+              "); allowed: a driver of CUDA 12.0 or later");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encode;
+}
+
+// The tensor map of a [B, Hkv, Tmax, D] K or V view: dims (D, Tmax, Hkv, B) innermost first, the
+// view's strides in bytes, boxes of 64 channels x 32 rows with the 128-byte swizzle, rows past
+// Tmax read as zeros.
+template <class Native, class Storage>
+CUtensorMap kv_tensor_map(const char* op, const char* name, DeviceView<const Storage, 4> view) {
+  static_assert(sizeof(Native) == 2, "16-bit storage");
+  const cuuint64_t dims[4] = {
+      static_cast<cuuint64_t>(view.size(3)), static_cast<cuuint64_t>(view.size(2)),
+      static_cast<cuuint64_t>(view.size(1)), static_cast<cuuint64_t>(view.size(0))};
+  // A dimension of size 1 is never stepped over: any legal stride does (a caller may pass 0).
+  auto stride_bytes = [&](int axis) {
+    return view.size(axis) == 1 ? cuuint64_t{16}
+                                : static_cast<cuuint64_t>(view.strides[axis]) * sizeof(Native);
+  };
+  const cuuint64_t strides[3] = {stride_bytes(2), stride_bytes(1), stride_bytes(0)};
+  const cuuint32_t box[4] = {kBoxChannels, kStageTokens, 1, 1};
+  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
+  constexpr CUtensorMapDataType type = std::is_same_v<Native, __half>
+                                           ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                                           : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  CUtensorMap map;
+  const CUresult result = tensor_map_encoder(op)(
+      &map, type, 4, const_cast<Storage*>(view.data), dims, strides, box, element_strides,
+      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  KVC_CHECK(result == CUDA_SUCCESS, op, ": the tensor memory accelerator cannot read ", name, " [",
+            view.size(0), ", ", view.size(1), ", ", view.size(2), ", ", view.size(3),
+            "] with strides [", view.strides[0], ", ", view.strides[1], ", ", view.strides[2], ", ",
+            view.strides[3], "] (elements; cuTensorMapEncodeTiled error ", static_cast<int>(result),
+            "); allowed: a 16-byte aligned pointer, strides of the dimensions of size > 1 positive "
+            "multiples of 8 elements below 2^39, Tmax, Hkv and B at most 2^32");
+  return map;
 }
 
 using HeadDims = ValueList<64, 128>;
@@ -669,7 +739,13 @@ void run_decode(Cuda stream, DeviceView<const Storage, 3> q, DeviceView<const St
     dispatch<GroupSizes>(static_cast<int>(q_heads / kv_heads), group_name.c_str(), [&](auto group) {
       constexpr int kG = decltype(group)::value;
       const dim3 grid(plan.splits, static_cast<unsigned>(kv_heads), static_cast<unsigned>(batch));
-      launch_split<Native, kD, kG, kScores>(p, grid, native_stream);
+      // With Tmax = 0 every length is 0 or invalid: no copy is issued (and no map can be encoded).
+      KvMaps maps{};
+      if (max_length > 0) {
+        maps.k = kv_tensor_map<Native>(op, "k", k);
+        maps.v = kv_tensor_map<Native>(op, "v", v);
+      }
+      launch_split<Native, kD, kG, kScores>(p, maps, grid, native_stream);
       if (plan.splits > 1) {
         // The plain merge does not depend on G: one instantiation serves every group size.
         constexpr int kMergeG = kScores ? kG : 1;

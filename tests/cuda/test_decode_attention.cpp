@@ -237,3 +237,38 @@ TEST_CASE("cuda decode attention on interleaved K/V rows equals the contiguous l
     REQUIRE(differing == 0);
   }
 }
+
+// K and V rows past a sequence's length are cache memory the op must not let through: the kernel
+// copies whole 32-row tiles, so the tail of the last tile (up to Tmax, which is not a multiple of
+// 32 here) holds them. NaN and Inf there must leave the output bit-identical to finite values.
+TEST_CASE("cuda decode attention ignores NaN and Inf past each sequence's length",
+          "[cuda][attention]") {
+  const std::vector<Case> cases = {
+      {3, 16, 4, 128, 300, {290, 33, 0}},  // one split: tails inside and past Tmax
+      {2, 8, 1, 64, 5000, {4999, 2085}},   // several splits, G = 8
+  };
+  std::uint32_t seed = 400;
+  for (const auto& c : cases) {
+    const auto in = random_inputs<kvc::bf16>(c, seed++);
+    auto poisoned = in;
+    const std::int64_t rows = c.max_length, d = c.head_dim;
+    for (int s = 0; s < c.batch; ++s)
+      for (std::int64_t h = 0; h < c.kv_heads; ++h)
+        for (std::int64_t j = c.lengths[s]; j < rows; ++j)
+          for (std::int64_t ch = 0; ch < d; ++ch) {
+            const std::size_t i =
+                static_cast<std::size_t>(((s * c.kv_heads + h) * rows + j) * d + ch);
+            poisoned.k[i] = kvc::bf16(ch % 2 ? INFINITY : NAN);
+            poisoned.v[i] = kvc::bf16(ch % 2 ? NAN : -INFINITY);
+          }
+    const auto clean = run_layout(c, in, false);
+    const auto dirty = run_layout(c, poisoned, false);
+    std::size_t differing = 0;
+    for (std::size_t i = 0; i < clean.size(); ++i) {
+      const float x = static_cast<float>(clean[i]), y = static_cast<float>(dirty[i]);
+      if (!(x == y)) ++differing;  // NaN counts as differing
+    }
+    INFO("shape B=" << c.batch << " Hq=" << c.q_heads << " D=" << c.head_dim);
+    REQUIRE(differing == 0);
+  }
+}
