@@ -609,15 +609,6 @@ __device__ inline std::uint32_t pack_halves(__half lo, __half hi) {
          (static_cast<std::uint32_t>(__half_as_ushort(hi)) << 16);
 }
 
-__device__ inline void mma16816(float (&c)[4], std::uint32_t a0, std::uint32_t a1, std::uint32_t a2,
-                                std::uint32_t a3, std::uint32_t b0, std::uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 // x as the f16 pair hi = f16(x), lo = f16(2^11 (x - hi)): x = hi + 2^-11 lo to about 2^-22 |x|.
 __device__ inline void put_hi_lo(__half* hi, __half* lo, float x) {
   const __half h = __float2half_rn(x);
@@ -1181,10 +1172,10 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
         const std::uint32_t b0 = h2u(__hmul2(u2h(q2.x), u2h(par[1])));
         const std::uint32_t b1 = h2u(__hmul2(u2h(q2.y), u2h(par[3])));
         // Rows g only (rows g + 8 get scales in their A slots and are not used).
-        mma16816(kbias, par[0], par[1], par[2], par[3], q2.x, q2.y);
+        mma16816<__half>(kbias, par[0], par[1], par[2], par[3], q2.x, q2.y);
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt)
-          mma16816(sc[mt], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b0, b1);
+          mma16816<__half>(sc[mt], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b0, b1);
       }
       bias[0] = kbias[0], bias[1] = kbias[1];
       if (out_of_range) u[0] = u[1] = __int_as_float(0x7fc00000);
@@ -1202,8 +1193,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
             return live ? *reinterpret_cast<const std::uint32_t*>(row + key_channel(s, t, i)) : 0u;
           };
           const uint2 q2 = qh[s * 32 + lane];
-          mma16816(sc[mt], at(row0, r0 < end, 0), at(row1, r1 < end, 0), at(row0, r0 < end, 2),
-                   at(row1, r1 < end, 2), q2.x, q2.y);
+          mma16816<__half>(sc[mt], at(row0, r0 < end, 0), at(row1, r1 < end, 0),
+                           at(row0, r0 < end, 2), at(row1, r1 < end, 2), q2.x, q2.y);
         }
       }
     }
@@ -1356,8 +1347,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
               const int i = 4 * c4 + q;
               const std::uint32_t x01 = dec.pair(w[0][q], w[1][q]);
               const std::uint32_t x23 = dec.pair(w[2][q], w[3][q]);
-              mma16816(acc[i], dec.row0(x01), dec.row1(x01), dec.row0(x23), dec.row1(x23),
-                       bv[i / 2][0], bv[i / 2][1]);
+              mma16816<__half>(acc[i], dec.row0(x01), dec.row1(x01), dec.row0(x23), dec.row1(x23),
+                               bv[i / 2][0], bv[i / 2][1]);
             }
           }
         } else {
@@ -1375,8 +1366,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
 #pragma unroll
               for (int e2 = 0; e2 < 2; ++e2) {
                 const std::uint32_t x01 = r[2 * e] >> (8 * e2), x23 = r[2 * e + 1] >> (8 * e2);
-                mma16816(acc[2 * (v2 + e) + e2], code_pair<4, 0>(x01), code_pair<4, 1>(x01),
-                         code_pair<4, 0>(x23), code_pair<4, 1>(x23), bv[v2 + e][0], bv[v2 + e][1]);
+                mma16816<__half>(acc[2 * (v2 + e) + e2], code_pair<4, 0>(x01), code_pair<4, 1>(x01),
+                                 code_pair<4, 0>(x23), code_pair<4, 1>(x23), bv[v2 + e][0],
+                                 bv[v2 + e][1]);
               }
             }
           }
@@ -1399,11 +1391,11 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
 #pragma unroll
         for (int i = 0; i < kKS; ++i) {
           const int ch0 = value_channel(i, 0), ch1 = value_channel(i, 1);
-          mma16816(acc[i], pack_halves(element(tk0, ch0), element(tk1, ch0)),
-                   pack_halves(element(tk0, ch1), element(tk1, ch1)),
-                   pack_halves(element(tk0 + 8, ch0), element(tk1 + 8, ch0)),
-                   pack_halves(element(tk0 + 8, ch1), element(tk1 + 8, ch1)), bv[i / 2][0],
-                   bv[i / 2][1]);
+          mma16816<__half>(acc[i], pack_halves(element(tk0, ch0), element(tk1, ch0)),
+                           pack_halves(element(tk0, ch1), element(tk1, ch1)),
+                           pack_halves(element(tk0 + 8, ch0), element(tk1 + 8, ch0)),
+                           pack_halves(element(tk0 + 8, ch1), element(tk1 + 8, ch1)), bv[i / 2][0],
+                           bv[i / 2][1]);
         }
       }
     }
@@ -1770,8 +1762,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, G >= 8 ? 2 : 3) token_mma
         const uint2 bq = ql[(j * kKS + s) * 32 + lane];
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt)
-          mma16816(kScaled ? part[mt][j] : sc[mt][j], a[mt][0], a[mt][1], a[mt][2], a[mt][3], bq.x,
-                   bq.y);
+          mma16816<__half>(kScaled ? part[mt][j] : sc[mt][j], a[mt][0], a[mt][1], a[mt][2],
+                           a[mt][3], bq.x, bq.y);
       }
       if constexpr (kScaled) {
         if (((s + 1) & ((1 << lg) - 1)) != 0) return;  // the group goes on
@@ -1894,10 +1886,10 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, G >= 8 ? 2 : 3) token_mma
         for (int j = 0; j < kNT; ++j) {
           const int at = (vg * kCols + 8 * j + g) * kBPitch + kb;
           const uint2 bv = *reinterpret_cast<const uint2*>(Bv + at);
-          mma16816(acc[i][j], a0, a1, a2, a3, bv.x, bv.y);
+          mma16816<__half>(acc[i][j], a0, a1, a2, a3, bv.x, bv.y);
           if (asym) {
             const uint2 bm = *reinterpret_cast<const uint2*>(Bm + at);
-            mma16816(acc[i][j], kOnes, kOnes, kOnes, kOnes, bm.x, bm.y);
+            mma16816<__half>(acc[i][j], kOnes, kOnes, kOnes, kOnes, bm.x, bm.y);
           }
         }
       };

@@ -91,25 +91,6 @@ __device__ inline uint4 load16(const T* p) {
   return __ldg(reinterpret_cast<const uint4*>(p));
 }
 
-// D (16x8, fp32) += A (16x16, row) * B (16x8, col).
-template <class T>
-__device__ inline void mma16816(float (&d)[4], const std::uint32_t (&a)[4], std::uint32_t b0,
-                                std::uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
 constexpr int kThreads = 128;                          // 4 warps
 constexpr int kWarpRows = 32;                          // window rows per warp: two m16 fragments
 constexpr int kChunkRows = kWarpRows * kThreads / 32;  // rows per pass over a K tile
@@ -155,8 +136,8 @@ __device__ inline void score_fragments(const T* q_chunk, const T* k_tile, int wa
       ldmatrix_x4(b, b_base + np * 16 * kLd + kk);
 #pragma unroll
       for (int m = 0; m < 2; ++m) {
-        mma16816<T>(acc[m][2 * np], a[m], b[0], b[1]);
-        mma16816<T>(acc[m][2 * np + 1], a[m], b[2], b[3]);
+        mma16816<T>(acc[m][2 * np], a[m][0], a[m][1], a[m][2], a[m][3], b[0], b[1]);
+        mma16816<T>(acc[m][2 * np + 1], a[m][0], a[m][1], a[m][2], a[m][3], b[2], b[3]);
       }
     }
   }
