@@ -163,6 +163,19 @@ struct ChannelArgs {
   bool vec_store;
 };
 
+// A decode-time flush (residual_rows given) quantizes the R / G blocks of a head whose residual
+// holds exactly R rows, after its quantized_rows / G blocks, when they fit the capacity: false for
+// a head that does not flush; else `block` (the block within the input) becomes the output block.
+__device__ inline bool flush_target(const ChannelArgs& a, int b, int h, std::int64_t& block) {
+  if (a.residual_rows.data == nullptr) return true;
+  const int quantized = a.quantized_rows.at(b, h);
+  if (a.residual_rows.at(b, h) != a.residual || quantized < 0 ||
+      quantized / a.group + a.residual / a.group > a.capacity_blocks)
+    return false;
+  block += quantized / a.group;
+  return true;
+}
+
 template <class T, int kBits>
 __global__ void __launch_bounds__(kChannelChunk) channel_kernel(ChannelArgs a) {
   using N = typename NativeOf<T>::type;
@@ -173,13 +186,7 @@ __global__ void __launch_bounds__(kChannelChunk) channel_kernel(ChannelArgs a) {
 
   const int bh = blockIdx.z, b = bh / a.heads, h = bh % a.heads;
   std::int64_t block = blockIdx.x;
-  if (a.residual_rows.data != nullptr) {
-    const int quantized = a.quantized_rows.at(b, h);
-    if (a.residual_rows.at(b, h) != a.residual || quantized < 0 ||
-        quantized / a.group + a.residual / a.group > a.capacity_blocks)
-      return;
-    block += quantized / a.group;
-  }
+  if (!flush_target(a, b, h, block)) return;
   const int c0 = blockIdx.y * kChannelChunk;
   const int cols = min(kChannelChunk, a.dim - c0);
   const int g_size = a.group;
@@ -286,13 +293,7 @@ __global__ void __launch_bounds__(128) channel_pair_kernel(ChannelArgs a) {
   const int k = j / pairs, p = j - k * pairs;
   const int bh = blockIdx.y, b = bh / a.heads, h = bh % a.heads;
   std::int64_t block = k;
-  if (a.residual_rows.data != nullptr) {
-    const int quantized = a.quantized_rows.at(b, h);
-    if (a.residual_rows.at(b, h) != a.residual || quantized < 0 ||
-        quantized / a.group + a.residual / a.group > a.capacity_blocks)
-      return;
-    block += quantized / a.group;
-  }
+  if (!flush_target(a, b, h, block)) return;
   const std::uint32_t* src = reinterpret_cast<const std::uint32_t*>(
       static_cast<const N*>(a.x) + b * a.xs[0] + h * a.xs[1] +
       static_cast<std::int64_t>(k) * kG * a.xs[2] + 2 * p);
