@@ -39,8 +39,9 @@ KVC_C_API const char* kvc_last_error(void);
 /* Decode attention over dense K/V (kvc::ops::decode_attention, Cuda): one query per head for each
  * of `batch` sequences; sequence b uses lengths[b] (device int32) of the max_length cached tokens.
  * q [batch, q_heads, head_dim], k and v [batch, kv_heads, max_length, head_dim],
- * out [batch, q_heads, head_dim]; the last dimension contiguous, rows 16-byte aligned. head_dim 64
- * or 128; q_heads / kv_heads in {1, 2, 4, 8}. scale <= 0 selects 1/sqrt(head_dim). */
+ * out [batch, q_heads, head_dim]; the last dimension contiguous, rows 16-byte aligned, k's and v's
+ * other strides positive (any stride on a dimension of size 1). head_dim 64 or 128;
+ * q_heads / kv_heads in {1, 2, 4, 8}. scale <= 0 selects 1/sqrt(head_dim). */
 typedef struct kvc_decode_attention_args {
   const void* q;
   int64_t q_strides[3];

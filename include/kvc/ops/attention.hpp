@@ -47,11 +47,13 @@ void prefill_attention(Cpu, HostView<const float, 3> q,  // [Hq, Tq, D]
 // length (lengths[b] tokens of the Tmax rows are used; a sequence of length 0 yields zeros). Query
 // heads of a GQA group share every K/V load; long sequences are split along the tokens
 // (flash-decoding) and merged with a max-subtracted log-sum-exp. fp32 accumulation; the output is
-// rounded to the input dtype. The last dimension must be contiguous and rows 16-byte aligned; the
-// other strides are free. `workspace` holds the split partials: at least
-// decode_attention_workspace_floats(...) floats for the current device, owned by the caller (no
-// hidden allocation). head_dim: 64 or 128; Hq / Hkv: 1, 2, 4 or 8. A length outside [0, Tmax]
-// cannot be checked on the host (lengths live on the device): that sequence's output is NaN.
+// rounded to the input dtype. The last dimension must be contiguous and rows 16-byte aligned; K and
+// V are read by the tensor memory accelerator, so their other strides must be positive (a
+// dimension of size 1 may have any stride), q's and out's are free. `workspace` holds the split
+// partials: at least decode_attention_workspace_floats(...) floats for the current device, owned
+// by the caller (no hidden allocation). head_dim: 64 or 128; Hq / Hkv: 1, 2, 4 or 8. A length
+// outside [0, Tmax] cannot be checked on the host (lengths live on the device): that sequence's
+// output is NaN.
 std::size_t decode_attention_workspace_floats(int batch, int q_heads, int kv_heads, int head_dim,
                                               int max_length);
 void decode_attention(Cuda, DeviceView<const bf16, 3> q,          // [B, Hq, D]
