@@ -168,21 +168,19 @@ struct KvMaps {
   CUtensorMap v;
 };
 
-__device__ inline unsigned smem_u32(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
 __device__ inline void mbarrier_init(std::uint64_t* bar, unsigned count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count)
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(shared_address(bar)), "r"(count)
                : "memory");
 }
 __device__ inline void mbarrier_arrive_expect_tx(std::uint64_t* bar, unsigned bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)),
-               "r"(bytes)
-               : "memory");
+  asm volatile(
+      "mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(shared_address(bar)),
+      "r"(bytes)
+      : "memory");
 }
 __device__ inline void mbarrier_arrive(std::uint64_t* bar) {
   asm volatile("{\n .reg .b64 state;\n mbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(
-                   smem_u32(bar))
+                   shared_address(bar))
                : "memory");
 }
 __device__ inline void mbarrier_wait(std::uint64_t* bar, unsigned parity) {
@@ -192,7 +190,7 @@ __device__ inline void mbarrier_wait(std::uint64_t* bar, unsigned parity) {
         "{\n .reg .pred ready;\n mbarrier.try_wait.parity.shared::cta.b64 ready, [%1], %2;\n"
         " selp.u32 %0, 1, 0, ready;\n}\n"
         : "=r"(done)
-        : "r"(smem_u32(bar)), "r"(parity)
+        : "r"(shared_address(bar)), "r"(parity)
         : "memory");
   } while (!done);
 }
@@ -206,9 +204,9 @@ __device__ inline void tensor_load(void* smem_dst, const CUtensorMap* map, int c
                                    int head, int sequence, std::uint64_t* bar) {
   asm volatile(
       "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-      " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(smem_u32(smem_dst)),
+      " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(shared_address(smem_dst)),
       "l"(reinterpret_cast<std::uint64_t>(map)), "r"(channel), "r"(token), "r"(head), "r"(sequence),
-      "r"(smem_u32(bar))
+      "r"(shared_address(bar))
       : "memory");
 }
 // (x0, x1) rounded to a storage-type pair (x0 in the low half, the mma's lower index), and back.
@@ -257,7 +255,7 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1))
                 "the consumers' partials reuse the ring");
   const T* tag = nullptr;
   extern __shared__ __align__(1024) unsigned char smem[];
-  unsigned char* ring = smem + (kRingAlign - smem_u32(smem) % kRingAlign) % kRingAlign;
+  unsigned char* ring = smem + (kRingAlign - shared_address(smem) % kRingAlign) % kRingAlign;
   auto* full = reinterpret_cast<std::uint64_t*>(ring + kStages * kStageBytes<D>);  // landed
   auto* empty = full + kStages;  // a stage's consumer is done with it
 
@@ -332,7 +330,7 @@ __global__ void __launch_bounds__(32 * (kConsumers + 1))
       const int slot = s % kStages;
       mbarrier_wait(&full[slot], (s / kStages) & 1);
       unsigned char* stage = ring + slot * kStageBytes<D>;
-      const unsigned k_tile = smem_u32(stage), v_tile = k_tile + kBoxes * kBoxBytes;
+      const unsigned k_tile = shared_address(stage), v_tile = k_tile + kBoxes * kBoxBytes;
       const int first = begin + s * kStageTokens;
       if (first + kStageTokens > end) {
         // V rows past the end hold whatever follows the sequence in the cache (NaN and Inf

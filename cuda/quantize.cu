@@ -98,10 +98,14 @@ __device__ inline std::uint32_t symmetric_field(float x, float scale, float qmax
 // that can overflow (FP8) fall back to `/`. Callers check the range of b (divisor_ok) and use
 // `/` outside it. (Checked against IEEE division on 3 * 10^8 host cases, tie quotients k + 1/2
 // and signed zeros included.)
-__device__ inline float divide(float a, float b, float r) {
+// a / b but for the sign of a zero quotient (the FMA corrections can turn -0 into +0).
+__device__ inline float divide_unsigned_zero(float a, float b, float r) {
   const float q0 = __fmul_rn(a, r);
   const float q1 = __fmaf_rn(__fmaf_rn(-q0, b, a), r, q0);
-  return copysignf(__fmaf_rn(__fmaf_rn(-q1, b, a), r, q1), q0);
+  return __fmaf_rn(__fmaf_rn(-q1, b, a), r, q1);
+}
+__device__ inline float divide(float a, float b, float r) {
+  return copysignf(divide_unsigned_zero(a, b, r), __fmul_rn(a, r));
 }
 __device__ inline bool divisor_ok(float b) { return b >= 0x1p-100f && b <= 0x1p100f; }
 
@@ -260,16 +264,12 @@ struct PairOf<__half> {
   using type = __half2;
 };
 
-// The affine code from stored parameters with `divide` (r = RN(1 / scale), scale in divisor_ok's
-// range) and without its sign fix-up: a zero quotient of either sign, and any negative one, gives
-// code 0 after the clamp. Equal to code_of<false, true>.
+// The affine code from stored parameters (r = RN(1 / scale), scale in divisor_ok's range) without
+// divide's sign fix-up: a zero quotient of either sign, and any negative one, gives code 0 after
+// the clamp. Equal to code_of<false, true>.
 __device__ inline std::uint32_t affine_code_fast(float x, float scale, float r, float minimum,
                                                  float top) {
-  const float d = x - minimum;
-  const float q0 = __fmul_rn(d, r);
-  const float q1 = __fmaf_rn(__fmaf_rn(-q0, scale, d), r, q0);
-  const float q2 = __fmaf_rn(__fmaf_rn(-q1, scale, d), r, q1);
-  return __float2uint_rn(fminf(fmaxf(q2, 0.0f), top));
+  return __float2uint_rn(fminf(fmaxf(divide_unsigned_zero(x - minimum, scale, r), 0.0f), top));
 }
 
 // Channel axis from registers: one thread per (2 adjacent channels, block of kG tokens) of (b, h) =
