@@ -103,6 +103,8 @@ struct Params {
   bool symmetric = false;
   int batch = 0, q_heads = 0, max_length = 0, chunk = 0, splits = 1;
   float scale_log2 = 0.0f;
+  // f16 1024 in both halves, read at run time so that ptxas keeps it in a register (code_pair).
+  std::uint32_t f16_exponent_1024 = 0x64006400u;
 };
 
 __device__ inline float load_scalar(const unsigned char* base, std::int64_t index, bool f32) {
@@ -894,13 +896,15 @@ struct NibbleDecoder {
 
 // Field k (Bits wide, at bit Bits k of byte 0 and of byte 2 of x) as an exact f16 pair: one LOP3
 // puts it under the exponent of 1024 (x = 1024 + f 2^(Bits k), exact: the field stays inside the
-// mantissa), one HFMA2 by 2^-(Bits k), -1024 2^-(Bits k) leaves f.
+// mantissa), one HFMA2 by 2^-(Bits k), -1024 2^-(Bits k) leaves f. exp1024 is 0x64006400 held in a
+// register (Params::f16_exponent_1024): with the mask and it both immediates, ptxas emits two
+// LOP3s (a LOP3 takes one immediate), 128 extra instructions per 4-bit tile.
 template <int Bits, int k>
-__device__ inline std::uint32_t code_pair(std::uint32_t x) {
+__device__ inline std::uint32_t code_pair(std::uint32_t x, std::uint32_t exp1024) {
   constexpr std::uint32_t kField = ((1u << Bits) - 1u) << (Bits * k);
   constexpr std::uint32_t kMul = (15u - Bits * k) << 10;              // f16 2^-(Bits k)
   constexpr std::uint32_t kAdd = 0x8000u | ((25u - Bits * k) << 10);  // f16 -1024 2^-(Bits k)
-  return h2u(__hfma2(u2h((x & (kField | kField << 16)) | 0x64006400u), u2h(kMul | kMul << 16),
+  return h2u(__hfma2(u2h((x & (kField | kField << 16)) | exp1024), u2h(kMul | kMul << 16),
                      u2h(kAdd | kAdd << 16)));
 }
 
@@ -926,6 +930,12 @@ __device__ inline bool key_scale_out_of_range(const std::uint32_t* params) {
     wide |= (params[2 * (threadIdx.x % 32 + 32 * j) + 1] & 0x7fff7fffu) + 0x1c001c00u;
   return __any_sync(kFull, (wide & 0x80008000u) != 0u);
 }
+
+// An int known at compile time where a lambda also takes run-time ints (immediate offsets).
+template <int N>
+struct FixedInt {
+  __device__ constexpr operator int() const { return N; }
+};
 
 __device__ inline float fast_exp2(float x) {
   float y;
@@ -1002,7 +1012,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
     reinterpret_cast<uint4*>(Bv)[i] = make_uint4(0u, 0u, 0u, 0u);
   __syncthreads();
 
-  const NibbleDecoder dec(g);  // 2-bit
+  const NibbleDecoder dec(g);                         // 2-bit
+  const std::uint32_t exp1024 = p.f16_exponent_1024;  // 4-bit
   // Tile token of row g (r = 0) / g + 8 (r = 1) of key m-tile mt: 2-bit, the fields of nibble g
   // of word mt; 4-bit, the nibbles of byte 2g (m-tile 0) and 2g + 1 (m-tile 1) of the channel's
   // 16 bytes (ldmatrix.trans half-word g: tokens 4g .. 4g + 3).
@@ -1049,58 +1060,65 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
   // (KIVI groups are 32, 64 or 128 tokens / channels: powers of two.)
   const int group_log2 = __ffs(p.group) - 1, row_words = p.group * Bits / 32;
   const int slot_shift = group_log2 - 5;  // value slot (32 channels) -> value group
+  // The copies' addresses are formed as one 64-bit pointer per part and tile plus constant
+  // offsets (this lane's, then per j), so that the j copies take immediate offsets: written as
+  // base + int index per copy, the address arithmetic was ~100 of the ~850 instructions per
+  // 2-bit tile.
   auto issue = [&](int t0, unsigned char* st) {
     if (t0 < qk) {
       const int blk = t0 >> group_log2;
-      const auto* kc = reinterpret_cast<const std::uint32_t*>(k_codes);
-      // rw: words per channel row of a key block (a constant for groups of 32, so that the
-      // copies' offsets become immediates once inlined).
-      auto copy_codes = [&](const std::uint32_t* src, int rw) {
+      // rw: words per channel row of a key block (Bits for groups of 32: a compile-time constant
+      // there, so that the j copies take immediate offsets).
+      auto copy_codes = [&](const unsigned char* tile, auto rw) {
+        constexpr int kRowBytes = Bits == 2 ? 8 : 16;  // staged: [channel][kRowBytes]
+        const unsigned char* src = tile + lane * rw * 4;
+        // (Opaque to the optimizer: otherwise it folds lane and j into one 64-bit offset per
+        // copy and repeats the 64-bit address arithmetic D / 32 times.)
+        asm("" : "+l"(src));
+        unsigned char* dst = st + lane * kRowBytes;
 #pragma unroll
         for (int j = 0; j < D / 32; ++j) {
-          const int c = lane + 32 * j;
           if constexpr (Bits == 2)
-            cp_async8(st + c * 8, src + c * rw);
+            cp_async8(dst + 32 * kRowBytes * j, src + 32 * 4 * j * rw);
           else
-            cp_async16(st + c * 16, src + c * rw);  // [channel][16 bytes]: ldmatrix rows
+            cp_async16(dst + 32 * kRowBytes * j, src + 32 * 4 * j * rw);  // ldmatrix rows
         }
       };
       if (row_words == Bits)
-        copy_codes(kc + static_cast<std::int64_t>(t0) * (D * Bits / 32), Bits);
+        copy_codes(k_codes + static_cast<std::int64_t>(t0) * (D * Bits / 8), FixedInt<Bits>{});
       else
-        copy_codes(kc + static_cast<std::int64_t>(blk) * D * row_words +
-                       (((t0 & (p.group - 1)) * Bits) >> 5),
+        copy_codes(k_codes + static_cast<std::int64_t>(blk) * D * row_words * 4 +
+                       (((t0 & (p.group - 1)) * Bits) >> 5) * 4,
                    row_words);
-      const unsigned char* ks = k_scale + static_cast<std::int64_t>(blk) * D * 2;
-      const unsigned char* km = k_min + static_cast<std::int64_t>(blk) * D * 2;
+      const std::int64_t par = static_cast<std::int64_t>(blk) * D * 2 + 4 * lane;
+      const unsigned char* km = k_min + par;
+      const unsigned char* ks = k_scale + par;
+      unsigned char* dst = st + L::kKPar + 8 * lane;
 #pragma unroll
       for (int j = 0; j < D / 64; ++j) {
-        const int i = lane + 32 * j;
-        cp_async4(st + L::kKPar + 8 * i, km + 4 * i);
-        cp_async4(st + L::kKPar + 8 * i + 4, ks + 4 * i);
+        cp_async4(dst + 256 * j, km + 128 * j);
+        cp_async4(dst + 256 * j + 4, ks + 128 * j);
       }
     }
     if (t0 + 32 <= vq_end) {
-      const unsigned char* src = v_codes + static_cast<std::int64_t>(t0) * kRW * 4;
-      if constexpr (Bits == 2) {
-#pragma unroll
-        for (int j = 0; j < L::kValBytes / (16 * 32); ++j)
-          cp_async16(st + L::kVal + 16 * (lane + 32 * j), src + 16 * (lane + 32 * j));
-      } else {
-        // 16-byte chunk v (value slot v) of token row tok at chunk v ^ swizzle(tok), so that the
-        // eight token rows of an ldmatrix.trans matrix hit eight distinct bank groups.
-#pragma unroll
-        for (int j = 0; j < L::kValBytes / (16 * 32); ++j) {
-          constexpr int kChunks = kRW / 4;
-          const int e = lane + 32 * j, tok = e / kChunks, v = e % kChunks;
-          cp_async16(st + L::kVal + 16 * (tok * kChunks + (v ^ chunk_swizzle<kChunks>(tok))),
-                     src + 16 * e);
-        }
+      const unsigned char* src = v_codes + static_cast<std::int64_t>(t0) * kRW * 4 + 16 * lane;
+      // 2-bit: copied as is. 4-bit: 16-byte chunk v (value slot v) of token row tok at chunk
+      // v ^ swizzle(tok), so that the eight token rows of an ldmatrix.trans matrix hit eight
+      // distinct bank groups; element e = lane + 32 j lies at tok = e / kChunks, v = e % kChunks,
+      // and swizzle(tok) does not depend on j (8 j / kChunks rows further on: a multiple of its
+      // period), so every j shares this lane's destination offset.
+      unsigned char* dst = st + L::kVal + 16 * lane;
+      if constexpr (Bits == 4) {
+        constexpr int kChunks = kRW / 4;
+        const int tok = lane / kChunks, v = lane % kChunks;
+        dst = st + L::kVal + 16 * (tok * kChunks + (v ^ chunk_swizzle<kChunks>(tok)));
       }
-      const std::int64_t off = static_cast<std::int64_t>(t0) * value_groups * 2;
+#pragma unroll
+      for (int j = 0; j < L::kValBytes / (16 * 32); ++j) cp_async16(dst + 512 * j, src + 512 * j);
+      const std::int64_t off = static_cast<std::int64_t>(t0) * value_groups * 2 + 16 * lane;
       if (lane < 4 * value_groups) {
-        cp_async16(st + L::kVScale + 16 * lane, v_scale + off + 16 * lane);
-        cp_async16(st + L::kVMin + 16 * lane, v_min + off + 16 * lane);
+        cp_async16(st + L::kVScale + 16 * lane, v_scale + off);
+        cp_async16(st + L::kVMin + 16 * lane, v_min + off);
       }
     }
   };
@@ -1164,10 +1182,12 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
           const std::uint32_t x01 = lm[2 * (s % 2)], x23 = lm[2 * (s % 2) + 1];
           // m-tile 0: byte 2g of each half-word (tokens 4g, 4g + 1 = rows g, g + 8); m-tile 1:
           // byte 2g + 1, moved down by a shift.
-          a[0][0] = code_pair<4, 0>(x01), a[0][1] = code_pair<4, 1>(x01);
-          a[0][2] = code_pair<4, 0>(x23), a[0][3] = code_pair<4, 1>(x23);
-          a[1][0] = code_pair<4, 0>(x01 >> 8), a[1][1] = code_pair<4, 1>(x01 >> 8);
-          a[1][2] = code_pair<4, 0>(x23 >> 8), a[1][3] = code_pair<4, 1>(x23 >> 8);
+          a[0][0] = code_pair<4, 0>(x01, exp1024), a[0][1] = code_pair<4, 1>(x01, exp1024);
+          a[0][2] = code_pair<4, 0>(x23, exp1024), a[0][3] = code_pair<4, 1>(x23, exp1024);
+          a[1][0] = code_pair<4, 0>(x01 >> 8, exp1024),
+          a[1][1] = code_pair<4, 1>(x01 >> 8, exp1024);
+          a[1][2] = code_pair<4, 0>(x23 >> 8, exp1024),
+          a[1][3] = code_pair<4, 1>(x23 >> 8, exp1024);
         }
         const std::uint32_t b0 = h2u(__hmul2(u2h(q2.x), u2h(par[1])));
         const std::uint32_t b1 = h2u(__hmul2(u2h(q2.y), u2h(par[3])));
@@ -1366,9 +1386,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
 #pragma unroll
               for (int e2 = 0; e2 < 2; ++e2) {
                 const std::uint32_t x01 = r[2 * e] >> (8 * e2), x23 = r[2 * e + 1] >> (8 * e2);
-                mma16816<__half>(acc[2 * (v2 + e) + e2], code_pair<4, 0>(x01), code_pair<4, 1>(x01),
-                                 code_pair<4, 0>(x23), code_pair<4, 1>(x23), bv[v2 + e][0],
-                                 bv[v2 + e][1]);
+                mma16816<__half>(acc[2 * (v2 + e) + e2], code_pair<4, 0>(x01, exp1024),
+                                 code_pair<4, 1>(x01, exp1024), code_pair<4, 0>(x23, exp1024),
+                                 code_pair<4, 1>(x23, exp1024), bv[v2 + e][0], bv[v2 + e][1]);
               }
             }
           }
@@ -1713,24 +1733,38 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, G >= 8 ? 2 : 3) token_mma
   for (int h = 0; h < G; ++h) run_max[h] = -INFINITY, run_sum[h] = 0.0f;
 
   auto stage_ptr = [&](int st) { return wbase + st * l.stage; };
+  // Copy i = lane + 32 j of a tile: row r = i / kChunks, chunk c = i % kChunks, source byte 16 i
+  // (kRow = 16 kChunks), destination swizzled(r, c) = 512 j + this lane's offset, whose chunk
+  // bits are XOR-ed with (4 j) % kChunks (nonzero only for kChunks = 8, odd j). Formed as one
+  // pointer per part and tile plus constants, so that the copies take immediate offsets (as per
+  // copy base + int index, the 64-bit address arithmetic cost ~3 instructions per copy).
+  const int lane_dst = swizzled<kChunks>(lane / kChunks, lane % kChunks);
+  // Parameter chunks of a tile: 32 tokens x groups x (2 or 4) bytes / 16 = 2 groups pb <= 64
+  // (groups <= D / 16, pb <= 4).
+  constexpr int kParamSteps = (2 * (D / 16) * 4 + 31) / 32;
   auto issue = [&](int t0, unsigned char* st) {
     if (t0 + 32 > qend) return;  // edge tiles read global memory directly
-    const unsigned char* ksrc = k_codes + static_cast<std::int64_t>(t0) * kRow;
-    const unsigned char* vsrc = v_codes + static_cast<std::int64_t>(t0) * kRow;
+    const unsigned char* ksrc = k_codes + static_cast<std::int64_t>(t0) * kRow + 16 * lane;
+    const unsigned char* vsrc = v_codes + static_cast<std::int64_t>(t0) * kRow + 16 * lane;
 #pragma unroll
-    for (int i = lane; i < 32 * kChunks; i += 32) {
-      const int r = i / kChunks, c = i % kChunks, off = swizzled<kChunks>(r, c);
-      cp_async16(st + off, ksrc + r * kRow + 16 * c);
-      cp_async16(st + kTileBytes + off, vsrc + r * kRow + 16 * c);
+    for (int j = 0; j < kChunks; ++j) {
+      const int off = (lane_dst ^ (16 * ((4 * j) % kChunks))) + 512 * j;
+      cp_async16(st + off, ksrc + 512 * j);
+      cp_async16(st + kTileBytes + off, vsrc + 512 * j);
     }
     if constexpr (kScaled) {
-      const std::int64_t at = static_cast<std::int64_t>(t0) * groups * pb;
-      for (int i = lane; i < l.params / 16; i += 32) {
-        cp_async16(st + ks_off + 16 * i, k_scale + at + 16 * i);
-        cp_async16(st + vs_off + 16 * i, v_scale + at + 16 * i);
-        if (asym) {
-          cp_async16(st + km_off + 16 * i, k_min + at + 16 * i);
-          cp_async16(st + vm_off + 16 * i, v_min + at + 16 * i);
+      const int chunks = l.params / 16;
+      const std::int64_t at = static_cast<std::int64_t>(t0) * groups * pb + 16 * lane;
+#pragma unroll
+      for (int j = 0; j < kParamSteps; ++j) {
+        if (lane + 32 * j < chunks) {
+          const int off = 16 * lane + 512 * j;
+          cp_async16(st + ks_off + off, k_scale + at + 512 * j);
+          cp_async16(st + vs_off + off, v_scale + at + 512 * j);
+          if (asym) {
+            cp_async16(st + km_off + off, k_min + at + 512 * j);
+            cp_async16(st + vm_off + off, v_min + at + 512 * j);
+          }
         }
       }
     }
