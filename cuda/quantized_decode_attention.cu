@@ -1105,7 +1105,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
       // 2-bit: copied as is. 4-bit: 16-byte chunk v (value slot v) of token row tok at chunk
       // v ^ swizzle(tok), so that the eight token rows of an ldmatrix.trans matrix hit eight
       // distinct bank groups; element e = lane + 32 j lies at tok = e / kChunks, v = e % kChunks,
-      // and swizzle(tok) does not depend on j (8 j / kChunks rows further on: a multiple of its
+      // and swizzle(tok) does not depend on j (32 j / kChunks rows further on: a multiple of its
       // period), so every j shares this lane's destination offset.
       unsigned char* dst = st + L::kVal + 16 * lane;
       if constexpr (Bits == 4) {
