@@ -26,6 +26,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "check.cuh"
 #include "kvc/core/dispatch.hpp"
@@ -931,6 +932,12 @@ __device__ inline bool key_scale_out_of_range(const std::uint32_t* params) {
   return __any_sync(kFull, (wide & 0x80008000u) != 0u);
 }
 
+// A KIVI tile loop's mode (kivi_mma_kernel): any tile, or only whole quantized tiles (any group /
+// groups of 32).
+constexpr int kGeneral = 0, kWhole = 1, kWhole32 = 2;
+template <int M>
+using Mode = std::integral_constant<int, M>;
+
 // An int known at compile time where a lambda also takes run-time ints (immediate offsets).
 template <int N>
 struct FixedInt {
@@ -1064,9 +1071,13 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
   // offsets (this lane's, then per j), so that the j copies take immediate offsets: written as
   // base + int index per copy, the address arithmetic was ~100 of the ~850 instructions per
   // 2-bit tile.
-  auto issue = [&](int t0, unsigned char* st) {
-    if (t0 < qk) {
-      const int blk = t0 >> group_log2;
+  // Tile modes: kGeneral takes any tile (residual rows, a sequence's end, any group); kWhole and
+  // kWhole32 (groups of 32) only tiles of 32 quantized keys and values, t0 + 32 <= whole_end, so
+  // that the steady-state loop holds none of the edge paths' branches or live ranges.
+  auto issue = [&](int t0, unsigned char* st, auto mode) {
+    constexpr int kMode = decltype(mode)::value;
+    if (kMode != kGeneral || t0 < qk) {
+      const int blk = t0 >> (kMode == kWhole32 ? 5 : group_log2);
       // rw: words per channel row of a key block (Bits for groups of 32: a compile-time constant
       // there, so that the j copies take immediate offsets).
       auto copy_codes = [&](const unsigned char* tile, auto rw) {
@@ -1084,7 +1095,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
             cp_async16(dst + 32 * kRowBytes * j, src + 32 * 4 * j * rw);  // ldmatrix rows
         }
       };
-      if (row_words == Bits)
+      if (kMode == kWhole32 || (kMode == kGeneral && row_words == Bits))
         copy_codes(k_codes + static_cast<std::int64_t>(t0) * (D * Bits / 8), FixedInt<Bits>{});
       else
         copy_codes(k_codes + static_cast<std::int64_t>(blk) * D * row_words * 4 +
@@ -1100,7 +1111,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
         cp_async4(dst + 256 * j + 4, ks + 128 * j);
       }
     }
-    if (t0 + 32 <= vq_end) {
+    if (kMode != kGeneral || t0 + 32 <= vq_end) {
       const unsigned char* src = v_codes + static_cast<std::int64_t>(t0) * kRW * 4 + 16 * lane;
       // 2-bit: copied as is. 4-bit: 16-byte chunk v (value slot v) of token row tok at chunk
       // v ^ swizzle(tok), so that the eight token rows of an ldmatrix.trans matrix hit eight
@@ -1125,10 +1136,19 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
 
   int stage = 0;
   int t0 = begin + warp * 32;
-  if (t0 < end) issue(t0, stage_ptr(0));
+  // Tiles [t0, t0 + 32) with t0 + 32 <= whole_end hold quantized keys and values only (t0 and qk
+  // are multiples of 32, so t0 < qk already means a whole tile of quantized keys).
+  const int whole_end = min(min(qk, vq_end), end);
+  if (t0 < end) issue(t0, stage_ptr(0), Mode<kGeneral>{});
   cp_async_commit();
-  for (; t0 < end; t0 += kWarpsPerBlock * 32) {
-    if (t0 + kWarpsPerBlock * 32 < end) issue(t0 + kWarpsPerBlock * 32, stage_ptr(stage ^ 1));
+  // One tile: copy the warp's next one, then this one's scores, softmax and p.V.
+  auto step = [&](auto mode) {
+    constexpr int kMode = decltype(mode)::value;
+    const int next = t0 + kWarpsPerBlock * 32;
+    if (kMode != kGeneral && next + 32 <= whole_end)
+      issue(next, stage_ptr(stage ^ 1), mode);
+    else if (next < end)
+      issue(next, stage_ptr(stage ^ 1), Mode<kGeneral>{});
     cp_async_commit();
     cp_async_wait<1>();
     __syncwarp();
@@ -1140,7 +1160,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
     for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
       for (int r = 0; r < 4; ++r) sc[mt][r] = 0.0f;
-    const bool key_quantized = t0 < qk;
+    const bool key_quantized = kMode != kGeneral || t0 < qk;
     // Score of column c = (sc + bias[c]) u[c]; u NaN: a key block out of range.
     float bias[2] = {0.0f, 0.0f}, u[2] = {unscale[0], unscale[1]};
     if (key_quantized) {
@@ -1222,7 +1242,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
     const auto tok = [&](int mt, int r) {
       return key_quantized ? key_token(mt, r) : 16 * mt + g + 8 * r;
     };
-    if (t0 + 32 > end) {
+    if (kMode == kGeneral && t0 + 32 > end) {
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt) {
         if (t0 + tok(mt, 0) >= end) sc[mt][0] = sc[mt][1] = -INFINITY;
@@ -1264,7 +1284,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
     }
 
     // ---- p' = p s of this thread's 4 tokens and 2 columns into the p' tile, p m into mv
-    const bool values_fast = t0 + 32 <= vq_end;
+    const bool values_fast = kMode != kGeneral || t0 + 32 <= vq_end;
     // params(tk, s, m): scales and minimums of tile token tk for this thread's value slots
     // (twin kSPL + k, those below kVS).
     auto write_p = [&](auto&& params) {
@@ -1293,7 +1313,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
       const auto* vsc = reinterpret_cast<const __half*>(st + L::kVScale);
       const auto* vmn = reinterpret_cast<const __half*>(st + L::kVMin);
       constexpr bool kPaired = kSPL % 2 == 0 && kSPL * kTwins == kVS;
-      if (kPaired && slot_shift == 0) {
+      if (kPaired && (kMode == kWhole32 || (kMode == kGeneral && slot_shift == 0))) {
         // Groups of 32 channels: the scales (minimums) of slots 2k, 2k + 1 are adjacent.
         write_p([&](int tk, float(&s)[kSPL], float(&m)[kSPL]) {
           const int at = tk * value_groups + twin * kSPL;
@@ -1421,7 +1441,14 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
     }
     __syncwarp();
     stage ^= 1;
+    t0 = next;
+  };
+  if (p.group == 32) {
+    while (t0 + 32 <= whole_end) step(Mode<kWhole32>{});
+  } else {
+    while (t0 + 32 <= whole_end) step(Mode<kWhole>{});
   }
+  while (t0 < end) step(Mode<kGeneral>{});
   cp_async_wait<0>();
   __syncwarp();
 
