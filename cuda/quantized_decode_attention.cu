@@ -1166,10 +1166,11 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
     if (key_quantized) {
       // sum_c q_c m_c: the same for every token, one accumulator for both m-tiles.
       float kbias[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      const auto* kw = reinterpret_cast<const std::uint32_t*>(st);
+      // (kw: 2-bit only, lm: 4-bit only.)
+      [[maybe_unused]] const auto* kw = reinterpret_cast<const std::uint32_t*>(st);
       const auto* kpar = reinterpret_cast<const std::uint32_t*>(st + L::kKPar);
       const bool out_of_range = key_scale_out_of_range<D>(kpar);
-      std::uint32_t lm[4];  // 4-bit: one ldmatrix.trans per two k-steps (32 channel rows)
+      [[maybe_unused]] std::uint32_t lm[4];  // 4-bit: one ldmatrix.trans per two k-steps
 #pragma unroll
       for (int s = 0; s < kKS; ++s) {
         const uint2 q2 = qh[s * 32 + lane];
