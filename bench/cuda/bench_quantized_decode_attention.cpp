@@ -12,7 +12,8 @@
 // ratio_vs_dense = time / dense bf16 time (K + V = 4 n D bytes); frac_copy = (bytes / time) /
 // (copy bandwidth, read + write, on the same byte count). Inputs rotate over >= 512 MB so the
 // 50 MB L2 holds none of them; codes are random bytes (finite for FP8), parameters random f16 in
-// [1/256, 1/64]. Times: CUDA events, median of 30 calls after 3 warm-up calls.
+// [1/256, 1/64]. Times: CUDA events, median of 30 calls after 3 warm-up calls, each behind an
+// untimed call (kvc_bench::median_ms).
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
