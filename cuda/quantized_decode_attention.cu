@@ -1074,6 +1074,12 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
   // Tile modes: kGeneral takes any tile (residual rows, a sequence's end, any group); kWhole and
   // kWhole32 (groups of 32) only tiles of 32 quantized keys and values, t0 + 32 <= whole_end, so
   // that the steady-state loop holds none of the edge paths' branches or live ranges.
+  // Whether key blocks and value groups are 32 wide: known in kWhole32 and kWhole, tested in
+  // kGeneral.
+  const auto groups_of_32 = [&](auto mode) {
+    constexpr int kMode = decltype(mode)::value;
+    return kMode == kWhole32 || (kMode == kGeneral && p.group == 32);
+  };
   auto issue = [&](int t0, unsigned char* st, auto mode) {
     constexpr int kMode = decltype(mode)::value;
     if (kMode != kGeneral || t0 < qk) {
@@ -1095,7 +1101,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
             cp_async16(dst + 32 * kRowBytes * j, src + 32 * 4 * j * rw);  // ldmatrix rows
         }
       };
-      if (kMode == kWhole32 || (kMode == kGeneral && row_words == Bits))
+      if (groups_of_32(mode))  // row_words == Bits
         copy_codes(k_codes + static_cast<std::int64_t>(t0) * (D * Bits / 8), FixedInt<Bits>{});
       else
         copy_codes(k_codes + static_cast<std::int64_t>(blk) * D * row_words * 4 +
@@ -1314,7 +1320,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
       const auto* vsc = reinterpret_cast<const __half*>(st + L::kVScale);
       const auto* vmn = reinterpret_cast<const __half*>(st + L::kVMin);
       constexpr bool kPaired = kSPL % 2 == 0 && kSPL * kTwins == kVS;
-      if (kPaired && (kMode == kWhole32 || (kMode == kGeneral && slot_shift == 0))) {
+      if (kPaired && groups_of_32(mode)) {  // slot_shift == 0
         // Groups of 32 channels: the scales (minimums) of slots 2k, 2k + 1 are adjacent.
         write_p([&](int tk, float(&s)[kSPL], float(&m)[kSPL]) {
           const int at = tk * value_groups + twin * kSPL;
