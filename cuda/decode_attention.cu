@@ -30,6 +30,7 @@
 #include "check.cuh"
 #include "kvc/core/dispatch.hpp"
 #include "kvc/ops/attention.hpp"
+#include "launch.cuh"
 #include "ptx.cuh"
 #include "split_merge.cuh"
 
@@ -243,6 +244,7 @@ __device__ inline void split3(float x0, float x1, std::uint32_t& hi, std::uint32
 template <class T, int D, int G, bool kScores, int kStages, int kConsumers>
 __global__ void __launch_bounds__(32 * (kConsumers + 1))
     decode_split_kernel(DecodeParams<T> p, const __grid_constant__ KvMaps maps) {
+  cuda_detail::allow_dependent_launch();  // the merge waits for this grid's end by itself
   constexpr int kThreads = 32 * (kConsumers + 1);
   constexpr int kBoxes = D / kBoxChannels;  // per stage, of K and of V
   constexpr int kSteps = D / 16;            // k-steps of q K^T, m-tiles of V^T P^T
@@ -546,6 +548,7 @@ __device__ void merge_scores(const DecodeParams<T>& p, int index) {
 // B * Hq merge blocks are score blocks (merge_scores), independent of the merge blocks.
 template <class T, int D, int G, bool kScores>
 __global__ void __launch_bounds__(D) decode_merge_kernel(DecodeParams<T> p) {
+  cuda_detail::wait_for_prior_grid();  // the split kernel's partials and raw scores
   if constexpr (kScores) {
     const int outputs = p.batch * p.q_heads;
     if (static_cast<int>(blockIdx.x) >= outputs) {
@@ -576,7 +579,7 @@ void launch_split(const DecodeParams<T>& p, const KvMaps& maps, dim3 grid, cudaS
   constexpr int kStages = 3, kConsumers = 3;
   const auto kernel = decode_split_kernel<T, D, G, kScores, kStages, kConsumers>;
   constexpr int bytes = split_smem_bytes<D, kStages>();
-  KVC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  cuda_detail::allow_dynamic_shared_memory(kernel, bytes);
   kernel<<<grid, 32 * (kConsumers + 1), bytes, stream>>>(p, maps);
   KVC_CUDA_CHECK_LAUNCH(stream);
 }
@@ -750,9 +753,8 @@ void run_decode(Cuda stream, DeviceView<const Storage, 3> q, DeviceView<const St
         std::int64_t blocks = batch * q_heads;
         if constexpr (kScores)
           blocks += batch * kv_heads * ((max_length + kScoreTile<kD> - 1) / kScoreTile<kD>);
-        decode_merge_kernel<Native, kD, kMergeG, kScores>
-            <<<static_cast<unsigned>(blocks), kD, 0, native_stream>>>(p);
-        KVC_CUDA_CHECK_LAUNCH(native_stream);
+        cuda_detail::launch_dependent(decode_merge_kernel<Native, kD, kMergeG, kScores>,
+                                      static_cast<unsigned>(blocks), kD, native_stream, p);
       }
     });
   });

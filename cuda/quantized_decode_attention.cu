@@ -31,6 +31,7 @@
 #include "check.cuh"
 #include "kvc/core/dispatch.hpp"
 #include "kvc/ops/quantized_attention.hpp"
+#include "launch.cuh"
 #include "ptx.cuh"
 #include "split_merge.cuh"
 
@@ -350,8 +351,9 @@ __device__ inline void kivi_key_scores(const Params& p, const unsigned char* cod
 
 template <class KF, class VF, int D, int G>
 __global__ void __launch_bounds__(kThreads) quantized_split_kernel(Params p) {
-  constexpr int kVL = D / 16;    // lanes per token row, 16 channels each
-  constexpr int kTP = 32 / kVL;  // token rows per warp step
+  cuda_detail::allow_dependent_launch();  // the merge waits for this grid's end by itself
+  constexpr int kVL = D / 16;             // lanes per token row, 16 channels each
+  constexpr int kTP = 32 / kVL;           // token rows per warp step
   constexpr int kSteps = kTile / kTP;
   __shared__ float q_s[G][D];                 // q * scale * log2(e) (* FP8 key scale)
   __shared__ __align__(16) float q_t[D][G];   // the same, channel-major
@@ -591,6 +593,7 @@ __global__ void __launch_bounds__(kThreads) quantized_split_kernel(Params p) {
 // One block of D threads per (sequence, query head) merges the splits' partials.
 template <int D>
 __global__ void __launch_bounds__(D) quantized_merge_kernel(Params p) {
+  cuda_detail::wait_for_prior_grid();  // the split kernel's partials
   const int b = blockIdx.x / p.q_heads, q_head = blockIdx.x % p.q_heads, d = threadIdx.x;
   const float o =
       split_merge::merge_split_partials<D>(p.workspace, p.batch, p.q_heads, p.splits, b, q_head);
@@ -960,6 +963,7 @@ constexpr int kivi_min_blocks() {
 template <int Bits, int D, int G>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
     kivi_mma_kernel(Params p) {
+  cuda_detail::allow_dependent_launch();  // the merge waits for this grid's end by itself
   using L = Layout<Bits, D, G>;
   constexpr int kKS = L::kKS, kVS = L::kVS, kTwins = L::kTwins, kSPL = L::kSlotsPerLane;
   constexpr int kRW = L::kValRowWords;
@@ -1655,6 +1659,7 @@ __device__ inline std::uint32_t element(const unsigned char* codes, const __half
 
 template <class F, int D, int G>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, G >= 8 ? 2 : 3) token_mma_kernel(Params p) {
+  cuda_detail::allow_dependent_launch();  // the merge waits for this grid's end by itself
   using Sh = Shape<F, D>;
   constexpr int kNT = (2 * G + 7) / 8, kCols = 8 * kNT, kKS = D / 16;
   constexpr int kRow = Sh::kRow, kChunks = Sh::kChunks, kTileBytes = Sh::kTileBytes;
@@ -2107,10 +2112,9 @@ void launch(const Params& p, const Common& c, Cuda stream) {
                                <<<grid, kThreads, 0, native>>>(p);
                            KVC_CUDA_CHECK_LAUNCH(native);
                          });
-    if (p.splits > 1) {
-      quantized_merge_kernel<kD><<<static_cast<unsigned>(c.batch * c.q_heads), kD, 0, native>>>(p);
-      KVC_CUDA_CHECK_LAUNCH(native);
-    }
+    if (p.splits > 1)
+      cuda_detail::launch_dependent(quantized_merge_kernel<kD>,
+                                    static_cast<unsigned>(c.batch * c.q_heads), kD, native, p);
   });
 }
 
@@ -2140,19 +2144,13 @@ void launch_mma(const Params& p, const Common& c, Cuda stream, Pick pick) {
     dispatch<GroupSizes>(static_cast<int>(c.q_heads / c.kv_heads), group_name.c_str(),
                          [&](auto group) {
                            const MmaKernel k = pick(head_dim, group);
-                           static const bool configured = [&] {
-                             KVC_CUDA_CHECK(cudaFuncSetAttribute(
-                                 k.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, k.most));
-                             return true;
-                           }();
-                           (void)configured;
+                           cuda_detail::allow_dynamic_shared_memory(k.kernel, k.most);
                            k.kernel<<<grid, mma_parts::kWarpsPerBlock * 32, k.bytes, native>>>(p);
                            KVC_CUDA_CHECK_LAUNCH(native);
                          });
-    if (p.splits > 1) {
-      quantized_merge_kernel<kD><<<static_cast<unsigned>(c.batch * c.q_heads), kD, 0, native>>>(p);
-      KVC_CUDA_CHECK_LAUNCH(native);
-    }
+    if (p.splits > 1)
+      cuda_detail::launch_dependent(quantized_merge_kernel<kD>,
+                                    static_cast<unsigned>(c.batch * c.q_heads), kD, native, p);
   });
 }
 

@@ -42,6 +42,7 @@
 #include "check.cuh"
 #include "kvc/core/dispatch.hpp"
 #include "kvc/ops/selection.hpp"
+#include "launch.cuh"
 #include "native_types.cuh"
 #include "ptx.cuh"
 
@@ -548,8 +549,7 @@ void run_scores(Cuda stream, DeviceView<const Storage, 3> q, DeviceView<const St
     constexpr int kD = decltype(head_dim)::value;
     auto* first = window_kernel<Native, kD, false, 0>;
     constexpr std::size_t kFirstShared = window_shared_bytes<kD, false, 0>();
-    KVC_CUDA_CHECK(cudaFuncSetAttribute(first, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(kFirstShared)));
+    cuda_detail::allow_dynamic_shared_memory(first, static_cast<int>(kFirstShared));
     p.tiles_per_block = tiles_per_block(layout.tiles, 3);
     const int first_blocks = (layout.tiles + p.tiles_per_block - 1) / p.tiles_per_block;
     first<<<dim3(first_blocks, static_cast<unsigned>(hkv)), kThreads, kFirstShared,
@@ -564,8 +564,7 @@ void run_scores(Cuda stream, DeviceView<const Storage, 3> q, DeviceView<const St
       constexpr int kRounding = decltype(mode)::value;
       auto* second = window_kernel<Native, kD, true, kRounding>;
       constexpr std::size_t kShared = window_shared_bytes<kD, true, kRounding>();
-      KVC_CUDA_CHECK(cudaFuncSetAttribute(second, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(kShared)));
+      cuda_detail::allow_dynamic_shared_memory(second, static_cast<int>(kShared));
       second<<<dim3(second_blocks, static_cast<unsigned>(hkv)), kThreads, kShared, native_stream>>>(
           p);
       KVC_CUDA_CHECK_LAUNCH(native_stream);

@@ -1,0 +1,98 @@
+// cuda/launch.cuh (private): launch helpers the ops share.
+//
+//   allow_dynamic_shared_memory(kernel, bytes);   // once per (kernel, device), then a lookup
+//   kernel<<<grid, threads, bytes, stream>>>(p);
+//   launch_dependent(merge_kernel, blocks, threads, stream, p);  // PDL on sm_90 and later
+//
+// Dynamic shared memory beyond 48 KB must be allowed per kernel, and cudaFuncSetAttribute applies
+// to the current device only: a process that runs on two GPUs has to set it on each. Setting it on
+// every launch costs host time on the launch path, setting it once per process misses the second
+// GPU; this cache remembers each (kernel, device, bytes).
+//
+// Programmatic dependent launch: a kernel launched with launch_dependent may start while the
+// kernel before it in the stream still runs (once every block of that one has called
+// allow_dependent_launch or exited). Its threads call wait_for_prior_grid before reading anything
+// the earlier kernel writes: that waits until the earlier grid has completed and its memory is
+// visible, exactly the guarantee of ordinary stream order. What is saved is the launch gap between
+// the two kernels (the merge of the split partials after a decode attention kernel).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <mutex>
+#include <utility>
+#include <vector>
+
+#include "check.cuh"
+
+namespace kvc::cuda_detail {
+
+inline void allow_dynamic_shared_memory(const void* kernel, int bytes) {
+  struct Allowed {
+    const void* kernel;
+    int device, bytes;
+  };
+  static std::mutex mutex;
+  static std::vector<Allowed> allowed;
+  int device = 0;
+  KVC_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  for (Allowed& a : allowed)
+    if (a.kernel == kernel && a.device == device) {
+      if (a.bytes >= bytes) return;
+      KVC_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+      a.bytes = bytes;
+      return;
+    }
+  KVC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  allowed.push_back({kernel, device, bytes});
+}
+
+template <class... Params>
+void allow_dynamic_shared_memory(void (*kernel)(Params...), int bytes) {
+  allow_dynamic_shared_memory(reinterpret_cast<const void*>(kernel), bytes);
+}
+
+// Called by the earlier kernel (any thread; a block counts once all of it has called or exited).
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Called by the dependent kernel before it reads the earlier kernel's output. Without a
+// programmatic launch (or before sm_90) it returns at once: stream order already holds.
+__device__ __forceinline__ void wait_for_prior_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+inline bool programmatic_launch_supported() {
+  int device = 0, major = 0;
+  KVC_CUDA_CHECK(cudaGetDevice(&device));
+  KVC_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major >= 9;
+}
+
+// kernel<<<blocks, threads, 0, stream>>>(args...), allowed to overlap the end of the kernel before
+// it where the device supports that; the kernel must call wait_for_prior_grid first.
+template <class... Params, class... Args>
+void launch_dependent(void (*kernel)(Params...), unsigned blocks, unsigned threads,
+                      cudaStream_t stream, Args&&... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(blocks);
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = programmatic_launch_supported() ? 1 : 0;
+  KVC_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+  KVC_CUDA_CHECK_LAUNCH(stream);
+}
+
+}  // namespace kvc::cuda_detail
