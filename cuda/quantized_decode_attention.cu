@@ -896,6 +896,12 @@ struct NibbleDecoder {
   __device__ inline std::uint32_t pair(std::uint32_t x, std::uint32_t y) const {
     return __byte_perm(x, y, sel);
   }
+  // The same fields without the exponent of 1024 and the HFMA2: the f16 pair is subnormal,
+  // f 2^(shift - 24) (row0) and f 2^(shift + 2 - 24) (row1), still exact (f 2^shift < 2^10).
+  // Products with it are those with f times a power of two, which row_factor undoes exactly on
+  // the fp32 results (tensor cores take f16 subnormals as they are).
+  __device__ inline std::uint32_t row0_subnormal(std::uint32_t x) const { return x & mask0; }
+  __device__ inline std::uint32_t row1_subnormal(std::uint32_t x) const { return x & mask1; }
 };
 
 // Field k (Bits wide, at bit Bits k of byte 0 and of byte 2 of x) as an exact f16 pair: one LOP3
@@ -903,6 +909,23 @@ struct NibbleDecoder {
 // mantissa), one HFMA2 by 2^-(Bits k), -1024 2^-(Bits k) leaves f. exp1024 is 0x64006400 held in a
 // register (Params::f16_exponent_1024): with the mask and it both immediates, ptxas emits two
 // LOP3s (a LOP3 takes one immediate), 128 extra instructions per 4-bit tile.
+// Field k as a subnormal f16 pair, f 2^(Bits k - 24): code_pair without its HFMA2 (see
+// NibbleDecoder::row0_subnormal).
+template <int Bits, int k>
+__device__ inline std::uint32_t code_pair_subnormal(std::uint32_t x) {
+  constexpr std::uint32_t kField = ((1u << Bits) - 1u) << (Bits * k);
+  return x & (kField | kField << 16);
+}
+
+// The factors that undo the subnormal decode on fp32 results of rows g (r = 0) and g + 8 (r = 1)
+// of a key or value m-tile: 2-bit rows come from NibbleDecoder::row0 / row1 (fields at 4 (g & 1)
+// and 4 (g & 1) + 2), 4-bit rows from fields 0 and 1 of code_pair.
+template <int Bits>
+__device__ inline float subnormal_row_factor(int g, int r) {
+  const int shift = Bits == 2 ? 4 * (g & 1) + 2 * r : 4 * r;
+  return __int_as_float((127 + 24 - shift) << 23);  // 2^(24 - shift)
+}
+
 template <int Bits, int k>
 __device__ inline std::uint32_t code_pair(std::uint32_t x, std::uint32_t exp1024) {
   constexpr std::uint32_t kField = ((1u << Bits) - 1u) << (Bits * k);
@@ -940,6 +963,9 @@ __device__ inline bool key_scale_out_of_range(const std::uint32_t* params) {
 constexpr int kGeneral = 0, kWhole = 1, kWhole32 = 2;
 template <int M>
 using Mode = std::integral_constant<int, M>;
+// A 4-bit field of a code pair (code_pair's k) where a lambda takes it.
+template <int K>
+using Field = std::integral_constant<int, K>;
 
 // An int known at compile time where a lambda also takes run-time ints (immediate offsets).
 template <int N>
@@ -1025,6 +1051,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
 
   const NibbleDecoder dec(g);                         // 2-bit
   const std::uint32_t exp1024 = p.f16_exponent_1024;  // 4-bit
+  // Rows g and g + 8 of a key or value m-tile decoded as subnormals (whole tiles).
+  const float row_factor[2] = {subnormal_row_factor<Bits>(g, 0), subnormal_row_factor<Bits>(g, 1)};
   // Tile token of row g (r = 0) / g + 8 (r = 1) of key m-tile mt: 2-bit, the fields of nibble g
   // of word mt; 4-bit, the nibbles of byte 2g (m-tile 0) and 2g + 1 (m-tile 1) of the channel's
   // 16 bytes (ldmatrix.trans half-word g: tokens 4g .. 4g + 3).
@@ -1154,6 +1182,17 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
   // One tile: copy the warp's next one, then this one's scores, softmax and p.V.
   auto step = [&](auto mode) {
     constexpr int kMode = decltype(mode)::value;
+    // Whole tiles decode codes to subnormal f16 (no HFMA2): their scores are rescaled per row
+    // here, their p.V accumulators once after the whole-tile loop.
+    constexpr bool kSubnormal = kMode != kGeneral;
+    // 4-bit: field k of both halves of x as an f16 pair.
+    [[maybe_unused]] const auto nibbles = [&](std::uint32_t x, auto field) {
+      constexpr int kField = decltype(field)::value;
+      if constexpr (kSubnormal)
+        return code_pair_subnormal<4, kField>(x);
+      else
+        return code_pair<4, kField>(x, exp1024);
+    };
     const int next = t0 + kWarpsPerBlock * 32;
     if (kMode != kGeneral && next + 32 <= whole_end)
       issue(next, stage_ptr(stage ^ 1), mode);
@@ -1197,10 +1236,17 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
           const std::uint32_t x23[2] = {dec.pair(w23.x, w23.z), dec.pair(w23.y, w23.w)};
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt) {
-            a[mt][0] = dec.row0(x01[mt]);
-            a[mt][1] = dec.row1(x01[mt]);
-            a[mt][2] = dec.row0(x23[mt]);
-            a[mt][3] = dec.row1(x23[mt]);
+            if constexpr (kSubnormal) {
+              a[mt][0] = dec.row0_subnormal(x01[mt]);
+              a[mt][1] = dec.row1_subnormal(x01[mt]);
+              a[mt][2] = dec.row0_subnormal(x23[mt]);
+              a[mt][3] = dec.row1_subnormal(x23[mt]);
+            } else {
+              a[mt][0] = dec.row0(x01[mt]);
+              a[mt][1] = dec.row1(x01[mt]);
+              a[mt][2] = dec.row0(x23[mt]);
+              a[mt][3] = dec.row1(x23[mt]);
+            }
           }
         } else {
           // [channel][16 bytes]: lane 8m + r addresses channel row 32 (s / 2) + 8m + r; thread
@@ -1213,12 +1259,10 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
           const std::uint32_t x01 = lm[2 * (s % 2)], x23 = lm[2 * (s % 2) + 1];
           // m-tile 0: byte 2g of each half-word (tokens 4g, 4g + 1 = rows g, g + 8); m-tile 1:
           // byte 2g + 1, moved down by a shift.
-          a[0][0] = code_pair<4, 0>(x01, exp1024), a[0][1] = code_pair<4, 1>(x01, exp1024);
-          a[0][2] = code_pair<4, 0>(x23, exp1024), a[0][3] = code_pair<4, 1>(x23, exp1024);
-          a[1][0] = code_pair<4, 0>(x01 >> 8, exp1024),
-          a[1][1] = code_pair<4, 1>(x01 >> 8, exp1024);
-          a[1][2] = code_pair<4, 0>(x23 >> 8, exp1024),
-          a[1][3] = code_pair<4, 1>(x23 >> 8, exp1024);
+          a[0][0] = nibbles(x01, Field<0>{}), a[0][1] = nibbles(x01, Field<1>{});
+          a[0][2] = nibbles(x23, Field<0>{}), a[0][3] = nibbles(x23, Field<1>{});
+          a[1][0] = nibbles(x01 >> 8, Field<0>{}), a[1][1] = nibbles(x01 >> 8, Field<1>{});
+          a[1][2] = nibbles(x23 >> 8, Field<0>{}), a[1][3] = nibbles(x23 >> 8, Field<1>{});
         }
         const std::uint32_t b0 = h2u(__hmul2(u2h(q2.x), u2h(par[1])));
         const std::uint32_t b1 = h2u(__hmul2(u2h(q2.y), u2h(par[3])));
@@ -1227,6 +1271,12 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt)
           mma16816<__half>(sc[mt], a[mt][0], a[mt][1], a[mt][2], a[mt][3], b0, b1);
+      }
+      if constexpr (kSubnormal) {
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) sc[mt][r] *= row_factor[r >> 1];
       }
       bias[0] = kbias[0], bias[1] = kbias[1];
       if (out_of_range) u[0] = u[1] = __int_as_float(0x7fc00000);
@@ -1398,8 +1448,13 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
               const int i = 4 * c4 + q;
               const std::uint32_t x01 = dec.pair(w[0][q], w[1][q]);
               const std::uint32_t x23 = dec.pair(w[2][q], w[3][q]);
-              mma16816<__half>(acc[i], dec.row0(x01), dec.row1(x01), dec.row0(x23), dec.row1(x23),
-                               bv[i / 2][0], bv[i / 2][1]);
+              if constexpr (kSubnormal)
+                mma16816<__half>(acc[i], dec.row0_subnormal(x01), dec.row1_subnormal(x01),
+                                 dec.row0_subnormal(x23), dec.row1_subnormal(x23), bv[i / 2][0],
+                                 bv[i / 2][1]);
+              else
+                mma16816<__half>(acc[i], dec.row0(x01), dec.row1(x01), dec.row0(x23), dec.row1(x23),
+                                 bv[i / 2][0], bv[i / 2][1]);
             }
           }
         } else {
@@ -1417,9 +1472,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
 #pragma unroll
               for (int e2 = 0; e2 < 2; ++e2) {
                 const std::uint32_t x01 = r[2 * e] >> (8 * e2), x23 = r[2 * e + 1] >> (8 * e2);
-                mma16816<__half>(acc[2 * (v2 + e) + e2], code_pair<4, 0>(x01, exp1024),
-                                 code_pair<4, 1>(x01, exp1024), code_pair<4, 0>(x23, exp1024),
-                                 code_pair<4, 1>(x23, exp1024), bv[v2 + e][0], bv[v2 + e][1]);
+                mma16816<__half>(acc[2 * (v2 + e) + e2], nibbles(x01, Field<0>{}),
+                                 nibbles(x01, Field<1>{}), nibbles(x23, Field<0>{}),
+                                 nibbles(x23, Field<1>{}), bv[v2 + e][0], bv[v2 + e][1]);
               }
             }
           }
@@ -1459,6 +1514,11 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
   } else {
     while (t0 + 32 <= whole_end) step(Mode<kWhole>{});
   }
+  // The whole tiles' p.V rows came from subnormal codes: back to the scale the edge tiles use.
+#pragma unroll
+  for (int i = 0; i < kKS; ++i)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) acc[i][r] *= row_factor[r >> 1];
   while (t0 < end) step(Mode<kGeneral>{});
   cp_async_wait<0>();
   __syncwarp();
