@@ -25,6 +25,13 @@
 
 #include "check.cuh"
 
+// The host asks for programmatic launches on every sm_90+ device, so the device code must always
+// contain the wait: built for an older architecture (and run through PTX JIT), the merge would
+// read the partials before the split grid wrote them. CMakeLists.txt refuses such builds too.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#error "kvc's CUDA kernels need sm_90 or later (griddepcontrol in cuda/launch.cuh)"
+#endif
+
 namespace kvc::cuda_detail {
 
 inline void allow_dynamic_shared_memory(const void* kernel, int bytes) {
@@ -56,17 +63,13 @@ void allow_dynamic_shared_memory(void (*kernel)(Params...), int bytes) {
 
 // Called by the earlier kernel (any thread; a block counts once all of it has called or exited).
 __device__ __forceinline__ void allow_dependent_launch() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
 }
 
 // Called by the dependent kernel before it reads the earlier kernel's output. Without a
-// programmatic launch (or before sm_90) it returns at once: stream order already holds.
+// programmatic launch it returns at once: stream order already holds.
 __device__ __forceinline__ void wait_for_prior_grid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
 }
 
 inline bool programmatic_launch_supported() {

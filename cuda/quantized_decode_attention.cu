@@ -909,6 +909,15 @@ struct NibbleDecoder {
 // mantissa), one HFMA2 by 2^-(Bits k), -1024 2^-(Bits k) leaves f. exp1024 is 0x64006400 held in a
 // register (Params::f16_exponent_1024): with the mask and it both immediates, ptxas emits two
 // LOP3s (a LOP3 takes one immediate), 128 extra instructions per 4-bit tile.
+template <int Bits, int k>
+__device__ inline std::uint32_t code_pair(std::uint32_t x, std::uint32_t exp1024) {
+  constexpr std::uint32_t kField = ((1u << Bits) - 1u) << (Bits * k);
+  constexpr std::uint32_t kMul = (15u - Bits * k) << 10;              // f16 2^-(Bits k)
+  constexpr std::uint32_t kAdd = 0x8000u | ((25u - Bits * k) << 10);  // f16 -1024 2^-(Bits k)
+  return h2u(__hfma2(u2h((x & (kField | kField << 16)) | exp1024), u2h(kMul | kMul << 16),
+                     u2h(kAdd | kAdd << 16)));
+}
+
 // Field k as a subnormal f16 pair, f 2^(Bits k - 24): code_pair without its HFMA2 (see
 // NibbleDecoder::row0_subnormal).
 template <int Bits, int k>
@@ -924,15 +933,6 @@ template <int Bits>
 __device__ inline float subnormal_row_factor(int g, int r) {
   const int shift = Bits == 2 ? 4 * (g & 1) + 2 * r : 4 * r;
   return __int_as_float((127 + 24 - shift) << 23);  // 2^(24 - shift)
-}
-
-template <int Bits, int k>
-__device__ inline std::uint32_t code_pair(std::uint32_t x, std::uint32_t exp1024) {
-  constexpr std::uint32_t kField = ((1u << Bits) - 1u) << (Bits * k);
-  constexpr std::uint32_t kMul = (15u - Bits * k) << 10;              // f16 2^-(Bits k)
-  constexpr std::uint32_t kAdd = 0x8000u | ((25u - Bits * k) << 10);  // f16 -1024 2^-(Bits k)
-  return h2u(__hfma2(u2h((x & (kField | kField << 16)) | exp1024), u2h(kMul | kMul << 16),
-                     u2h(kAdd | kAdd << 16)));
 }
 
 // 4-bit value rows of kChunks (2 or 4) 16-byte chunks: chunk v of token row r is stored at chunk
