@@ -25,9 +25,9 @@
 
 #include "check.cuh"
 
-// The host asks for programmatic launches on every sm_90+ device, so the device code must always
-// contain the wait: built for an older architecture (and run through PTX JIT), the merge would
-// read the partials before the split grid wrote them. CMakeLists.txt refuses such builds too.
+// The host always asks for programmatic launches, so the device code must always contain the
+// wait: built for an older architecture (and run through PTX JIT), the merge would read the
+// partials before the split grid wrote them. CMakeLists.txt refuses such builds too.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
 #error "kvc's CUDA kernels need sm_90 or later (griddepcontrol in cuda/launch.cuh)"
 #endif
@@ -72,15 +72,9 @@ __device__ __forceinline__ void wait_for_prior_grid() {
   asm volatile("griddepcontrol.wait;" ::: "memory");
 }
 
-inline bool programmatic_launch_supported() {
-  int device = 0, major = 0;
-  KVC_CUDA_CHECK(cudaGetDevice(&device));
-  KVC_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  return major >= 9;
-}
-
 // kernel<<<blocks, threads, 0, stream>>>(args...), allowed to overlap the end of the kernel before
-// it where the device supports that; the kernel must call wait_for_prior_grid first.
+// it; the kernel must call wait_for_prior_grid first. (No device check: the kernels exist for
+// sm_90 and later only, so any device that runs them supports it.)
 template <class... Params, class... Args>
 void launch_dependent(void (*kernel)(Params...), unsigned blocks, unsigned threads,
                       cudaStream_t stream, Args&&... args) {
@@ -93,7 +87,7 @@ void launch_dependent(void (*kernel)(Params...), unsigned blocks, unsigned threa
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attribute;
-  config.numAttrs = programmatic_launch_supported() ? 1 : 0;
+  config.numAttrs = 1;
   KVC_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
   KVC_CUDA_CHECK_LAUNCH(stream);
 }

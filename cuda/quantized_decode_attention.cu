@@ -963,7 +963,7 @@ __device__ inline bool key_scale_out_of_range(const std::uint32_t* params) {
 constexpr int kGeneral = 0, kWhole = 1, kWhole32 = 2;
 template <int M>
 using Mode = std::integral_constant<int, M>;
-// A 4-bit field of a code pair (code_pair's k) where a lambda takes it.
+// Field k of a code pair (rows g / g + 8 of an m-tile) where a lambda takes it.
 template <int K>
 using Field = std::integral_constant<int, K>;
 
@@ -1185,10 +1185,15 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
     // Whole tiles decode codes to subnormal f16 (no HFMA2): their scores are rescaled per row
     // here, their p.V accumulators once after the whole-tile loop.
     constexpr bool kSubnormal = kMode != kGeneral;
-    // 4-bit: field k of both halves of x as an f16 pair.
-    [[maybe_unused]] const auto nibbles = [&](std::uint32_t x, auto field) {
+    // Field k (rows g / g + 8 of an m-tile) of the codes in x as an f16 pair: 2-bit through
+    // NibbleDecoder (x from its pair()), 4-bit through code_pair; subnormal on whole tiles.
+    const auto decode = [&](std::uint32_t x, auto field) {
       constexpr int kField = decltype(field)::value;
-      if constexpr (kSubnormal)
+      if constexpr (Bits == 2 && kSubnormal)
+        return kField == 0 ? dec.row0_subnormal(x) : dec.row1_subnormal(x);
+      else if constexpr (Bits == 2)
+        return kField == 0 ? dec.row0(x) : dec.row1(x);
+      else if constexpr (kSubnormal)
         return code_pair_subnormal<4, kField>(x);
       else
         return code_pair<4, kField>(x, exp1024);
@@ -1236,17 +1241,10 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
           const std::uint32_t x23[2] = {dec.pair(w23.x, w23.z), dec.pair(w23.y, w23.w)};
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt) {
-            if constexpr (kSubnormal) {
-              a[mt][0] = dec.row0_subnormal(x01[mt]);
-              a[mt][1] = dec.row1_subnormal(x01[mt]);
-              a[mt][2] = dec.row0_subnormal(x23[mt]);
-              a[mt][3] = dec.row1_subnormal(x23[mt]);
-            } else {
-              a[mt][0] = dec.row0(x01[mt]);
-              a[mt][1] = dec.row1(x01[mt]);
-              a[mt][2] = dec.row0(x23[mt]);
-              a[mt][3] = dec.row1(x23[mt]);
-            }
+            a[mt][0] = decode(x01[mt], Field<0>{});
+            a[mt][1] = decode(x01[mt], Field<1>{});
+            a[mt][2] = decode(x23[mt], Field<0>{});
+            a[mt][3] = decode(x23[mt], Field<1>{});
           }
         } else {
           // [channel][16 bytes]: lane 8m + r addresses channel row 32 (s / 2) + 8m + r; thread
@@ -1259,10 +1257,10 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
           const std::uint32_t x01 = lm[2 * (s % 2)], x23 = lm[2 * (s % 2) + 1];
           // m-tile 0: byte 2g of each half-word (tokens 4g, 4g + 1 = rows g, g + 8); m-tile 1:
           // byte 2g + 1, moved down by a shift.
-          a[0][0] = nibbles(x01, Field<0>{}), a[0][1] = nibbles(x01, Field<1>{});
-          a[0][2] = nibbles(x23, Field<0>{}), a[0][3] = nibbles(x23, Field<1>{});
-          a[1][0] = nibbles(x01 >> 8, Field<0>{}), a[1][1] = nibbles(x01 >> 8, Field<1>{});
-          a[1][2] = nibbles(x23 >> 8, Field<0>{}), a[1][3] = nibbles(x23 >> 8, Field<1>{});
+          a[0][0] = decode(x01, Field<0>{}), a[0][1] = decode(x01, Field<1>{});
+          a[0][2] = decode(x23, Field<0>{}), a[0][3] = decode(x23, Field<1>{});
+          a[1][0] = decode(x01 >> 8, Field<0>{}), a[1][1] = decode(x01 >> 8, Field<1>{});
+          a[1][2] = decode(x23 >> 8, Field<0>{}), a[1][3] = decode(x23 >> 8, Field<1>{});
         }
         const std::uint32_t b0 = h2u(__hmul2(u2h(q2.x), u2h(par[1])));
         const std::uint32_t b1 = h2u(__hmul2(u2h(q2.y), u2h(par[3])));
@@ -1448,13 +1446,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
               const int i = 4 * c4 + q;
               const std::uint32_t x01 = dec.pair(w[0][q], w[1][q]);
               const std::uint32_t x23 = dec.pair(w[2][q], w[3][q]);
-              if constexpr (kSubnormal)
-                mma16816<__half>(acc[i], dec.row0_subnormal(x01), dec.row1_subnormal(x01),
-                                 dec.row0_subnormal(x23), dec.row1_subnormal(x23), bv[i / 2][0],
-                                 bv[i / 2][1]);
-              else
-                mma16816<__half>(acc[i], dec.row0(x01), dec.row1(x01), dec.row0(x23), dec.row1(x23),
-                                 bv[i / 2][0], bv[i / 2][1]);
+              mma16816<__half>(acc[i], decode(x01, Field<0>{}), decode(x01, Field<1>{}),
+                               decode(x23, Field<0>{}), decode(x23, Field<1>{}), bv[i / 2][0],
+                               bv[i / 2][1]);
             }
           }
         } else {
@@ -1472,9 +1466,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
 #pragma unroll
               for (int e2 = 0; e2 < 2; ++e2) {
                 const std::uint32_t x01 = r[2 * e] >> (8 * e2), x23 = r[2 * e + 1] >> (8 * e2);
-                mma16816<__half>(acc[2 * (v2 + e) + e2], nibbles(x01, Field<0>{}),
-                                 nibbles(x01, Field<1>{}), nibbles(x23, Field<0>{}),
-                                 nibbles(x23, Field<1>{}), bv[v2 + e][0], bv[v2 + e][1]);
+                mma16816<__half>(acc[2 * (v2 + e) + e2], decode(x01, Field<0>{}),
+                                 decode(x01, Field<1>{}), decode(x23, Field<0>{}),
+                                 decode(x23, Field<1>{}), bv[v2 + e][0], bv[v2 + e][1]);
               }
             }
           }
