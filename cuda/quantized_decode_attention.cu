@@ -1027,27 +1027,12 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
   const unsigned char* v_min = p.v.minimum.at(b, kv_head);
   const auto* v_res = reinterpret_cast<const __half*>(p.v.residual.at(b, kv_head));
 
-  // q, its per-head power-of-two scale, and the B fragments of q: thread (g, t) of k-step s holds
-  // column g (head g % G), channels key_channel(s, t, 0 .. 3) (k slots 2t, 2t + 1, 2t + 8, 2t + 9).
-  load_q_scaled<D, G>(p, b, kv_head, kQTop, p.scale_log2, q_raw, q_scale, q_unscale);
   // Channel of k slot 2t + (i & 1) + 8 (i >> 1) of key k-step s for thread t: 2-bit, channels
   // 16 s + 4 t .. 4 t + 3 (its word loads give four adjacent channels); 4-bit, the ldmatrix order
   // 16 s + 2 t + {0, 1, 8, 9}.
   const auto key_channel = [](int s, int tq, int i) {
     return Bits == 2 ? 16 * s + 4 * tq + i : 16 * s + 2 * tq + (i & 1) + 8 * (i >> 1);
   };
-  for (int idx = threadIdx.x; idx < kKS * 32; idx += kWarpsPerBlock * 32) {
-    const int ln = idx % 32, s = idx / 32, h = (ln >> 2) % G;
-    const float* qr = q_raw + h * D;
-    const float f = q_scale[h];
-    const auto at = [&](int i) { return qr[key_channel(s, ln & 3, i)] * f; };
-    qh[idx] =
-        make_uint2(h2u(__floats2half2_rn(at(0), at(1))), h2u(__floats2half2_rn(at(2), at(3))));
-  }
-  // The warp's p' tile starts at zero: columns no thread writes (2 kPairs and up) stay zero.
-  for (int i = lane; i < kVS * 512 / 16; i += 32)
-    reinterpret_cast<uint4*>(Bv)[i] = make_uint4(0u, 0u, 0u, 0u);
-  __syncthreads();
 
   const NibbleDecoder dec(g);                         // 2-bit
   const std::uint32_t exp1024 = p.f16_exponent_1024;  // 4-bit
@@ -1065,8 +1050,6 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
   const auto value_channel = [&](int i, int r) {
     return Bits == 2 ? 16 * i + 2 * g + r : 32 * (i >> 1) + 4 * g + 2 * (i & 1) + r;
   };
-  // This thread's score / output columns 2t + c, c = 0, 1: heads (2t + c) % G.
-  const float unscale[2] = {q_unscale[(2 * t) % G], q_unscale[(2 * t + 1) % G]};
   // p' columns this thread writes (2 pair, 2 pair + 1: the same heads) and the value slots it
   // takes (twin kSPL + k; twins split the slots between them).
   const int pair = t % L::kPairs, twin = t / L::kPairs;
@@ -1114,6 +1097,19 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
   };
   auto issue = [&](int t0, unsigned char* st, auto mode) {
     constexpr int kMode = decltype(mode)::value;
+    if constexpr (kMode == kGeneral) {
+      // The step reads this tile's f16 residual rows straight from global memory: bring them into
+      // L2 a step ahead (one row per lane, 128-byte lines).
+      const int row = t0 + lane;
+      const auto prefetch_row = [&](const __half* rows, int first) {
+        if (row < first || row >= end) return;
+        const auto* src = reinterpret_cast<const unsigned char*>(rows + (row - first) * D);
+#pragma unroll
+        for (int j = 0; j < D * 2 / 128; ++j) prefetch_l2(src + 128 * j);
+      };
+      prefetch_row(k_res, qk);
+      prefetch_row(v_res, qv);
+    }
     if (kMode != kGeneral || t0 < qk) {
       const int blk = t0 >> (kMode == kWhole32 ? 5 : group_log2);
       // rw: words per channel row of a key block (Bits for groups of 32: a compile-time constant
@@ -1179,6 +1175,25 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
   const int whole_end = min(min(qk, vq_end), end);
   if (t0 < end) issue(t0, stage_ptr(0), Mode<kGeneral>{});
   cp_async_commit();
+
+  // With the first tile on its way (its DRAM latency overlaps this set-up): q, its per-head
+  // power-of-two scale, and the B fragments of q: thread (g, t) of k-step s holds column g (head
+  // g % G), channels key_channel(s, t, 0 .. 3) (k slots 2t, 2t + 1, 2t + 8, 2t + 9).
+  load_q_scaled<D, G>(p, b, kv_head, kQTop, p.scale_log2, q_raw, q_scale, q_unscale);
+  for (int idx = threadIdx.x; idx < kKS * 32; idx += kWarpsPerBlock * 32) {
+    const int ln = idx % 32, s = idx / 32, h = (ln >> 2) % G;
+    const float* qr = q_raw + h * D;
+    const float f = q_scale[h];
+    const auto at = [&](int i) { return qr[key_channel(s, ln & 3, i)] * f; };
+    qh[idx] =
+        make_uint2(h2u(__floats2half2_rn(at(0), at(1))), h2u(__floats2half2_rn(at(2), at(3))));
+  }
+  // The warp's p' tile starts at zero: columns no thread writes (2 kPairs and up) stay zero.
+  for (int i = lane; i < kVS * 512 / 16; i += 32)
+    reinterpret_cast<uint4*>(Bv)[i] = make_uint4(0u, 0u, 0u, 0u);
+  __syncthreads();
+  // This thread's score / output columns 2t + c, c = 0, 1: heads (2t + c) % G.
+  const float unscale[2] = {q_unscale[(2 * t) % G], q_unscale[(2 * t + 1) % G]};
   // One tile: copy the warp's next one, then this one's scores, softmax and p.V.
   auto step = [&](auto mode) {
     constexpr int kMode = decltype(mode)::value;
@@ -1285,15 +1300,23 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
         const int r0 = t0 + 16 * mt + g, r1 = r0 + 8;
         const __half* row0 = k_res + static_cast<std::int64_t>(r0 - qk) * D;
         const __half* row1 = k_res + static_cast<std::int64_t>(r1 - qk) * D;
+        // All of the m-tile's loads first, then its mmas: one wait for memory instead of one per
+        // k-step. (This is the warp's last tile, where nothing else hides a wait: loaded per
+        // k-step, the residual tiles made the last split's blocks ~10 us slower at 32K.)
+        std::uint32_t a[kKS][4];
 #pragma unroll
         for (int s = 0; s < kKS; ++s) {
           // Channels key_channel(s, t, 0 / 1) and (2 / 3): two adjacent pairs.
           const auto at = [&](const __half* row, bool live, int i) {
-            return live ? *reinterpret_cast<const std::uint32_t*>(row + key_channel(s, t, i)) : 0u;
+            return live ? __ldg(reinterpret_cast<const unsigned*>(row + key_channel(s, t, i))) : 0u;
           };
+          a[s][0] = at(row0, r0 < end, 0), a[s][1] = at(row1, r1 < end, 0);
+          a[s][2] = at(row0, r0 < end, 2), a[s][3] = at(row1, r1 < end, 2);
+        }
+#pragma unroll
+        for (int s = 0; s < kKS; ++s) {
           const uint2 q2 = qh[s * 32 + lane];
-          mma16816<__half>(sc[mt], at(row0, r0 < end, 0), at(row1, r1 < end, 0),
-                           at(row0, r0 < end, 2), at(row1, r1 < end, 2), q2.x, q2.y);
+          mma16816<__half>(sc[mt], a[s][0], a[s][1], a[s][2], a[s][3], q2.x, q2.y);
         }
       }
     }
@@ -1473,6 +1496,28 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
             }
           }
         }
+      } else if (t0 >= qv) {
+        // Residual values only (zeros past the end). Channels value_channel(i, 0 / 1) are
+        // adjacent, so one word holds both rows of a token; all loads of the k-step go out first.
+        const int tk0 = t0 + 16 * ks + k_first, tk1 = tk0 + kPairStep;
+        const int tokens[4] = {tk0, tk1, tk0 + 8, tk1 + 8};
+        std::uint32_t w[kKS][4];
+#pragma unroll
+        for (int i = 0; i < kKS; ++i)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const __half* row = v_res + static_cast<std::int64_t>(tokens[e] - qv) * D;
+            w[i][e] = tokens[e] < end
+                          ? __ldg(reinterpret_cast<const unsigned*>(row + value_channel(i, 0)))
+                          : 0u;
+          }
+          // A: 0x5410 pairs the two tokens' low halves (row g), 0x7632 their high halves (g + 8).
+#pragma unroll
+        for (int i = 0; i < kKS; ++i)
+          mma16816<__half>(acc[i], __byte_perm(w[i][0], w[i][1], 0x5410),
+                           __byte_perm(w[i][0], w[i][1], 0x7632),
+                           __byte_perm(w[i][2], w[i][3], 0x5410),
+                           __byte_perm(w[i][2], w[i][3], 0x7632), bv[i / 2][0], bv[i / 2][1]);
       } else {
         // Edge tile: each element from the codes (t < qv), the f16 residual (t < end) or 0.
         constexpr int kPerWord = 32 / Bits;
