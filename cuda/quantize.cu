@@ -31,6 +31,7 @@
 #include "check.cuh"
 #include "kvc/core/dispatch.hpp"
 #include "kvc/ops/quantize_cuda.hpp"
+#include "launch.cuh"
 #include "native_types.cuh"
 
 namespace kvc::ops {
@@ -964,8 +965,7 @@ void launch_channel(Cuda cuda, ChannelArgs a, int bits, std::int64_t blocks, std
     constexpr int kBits = decltype(b)::value;
     auto kernel = channel_kernel<T, kBits>;
     if (shared > 48 * 1024)
-      KVC_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(shared)));
+      cuda_detail::allow_dynamic_shared_memory(kernel, static_cast<int>(shared));
     kernel<<<grid, kChannelChunk, shared, cuda.stream>>>(a);
   });
   KVC_CUDA_CHECK_LAUNCH(cuda.stream);
