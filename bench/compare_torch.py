@@ -2,8 +2,8 @@
 """kvc's CUDA decode attention against PyTorch's scaled_dot_product_attention, in one process.
 
 Loads libkvc_c.so (the C ABI, include/kvc/c/kvc.h) with ctypes, allocates every tensor with
-PyTorch on the GPU, checks that both outputs agree, and times both with CUDA events (median of the
-timed calls after warm-up) on the same tensors and the same stream.
+PyTorch on the GPU, checks that both outputs agree, and times both with CUDA events (median over
+20 batches of 10 back-to-back calls, after warm-up) on the same tensors and the same stream.
 
     python3 bench/compare_torch.py --lib build/libkvc_c.so              # dense bf16
     python3 bench/compare_torch.py --lib build/libkvc_c.so --quantized  # + KIVI, INT8, FP8

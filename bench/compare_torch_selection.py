@@ -50,7 +50,7 @@ def main():
         v = torch.randn(1, 8, context, 128, device="cuda", dtype=torch.bfloat16)
         sdpa = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                                 enable_gqa=True),
-                         warmup=3, calls=10)
+                         warmup=3, repeats=5, batch=2)
         del q, k, v
         if context in kvc:
             total, scores, top, compact = kvc[context]
