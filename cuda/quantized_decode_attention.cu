@@ -1301,8 +1301,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
         const __half* row0 = k_res + static_cast<std::int64_t>(r0 - qk) * D;
         const __half* row1 = k_res + static_cast<std::int64_t>(r1 - qk) * D;
         // All of the m-tile's loads first, then its mmas: one wait for memory instead of one per
-        // k-step. (This is the warp's last tile, where nothing else hides a wait: loaded per
-        // k-step, the residual tiles made the last split's blocks ~10 us slower at 32K.)
+        // k-step. (Residual tiles come last in a warp's loop, where nothing else hides a wait:
+        // loaded per k-step, they made the last split's blocks ~10 us slower at B 8 / 32K.)
         std::uint32_t a[kKS][4];
 #pragma unroll
         for (int s = 0; s < kKS; ++s) {
@@ -1503,7 +1503,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
         const int tokens[4] = {tk0, tk1, tk0 + 8, tk1 + 8};
         std::uint32_t w[kKS][4];
 #pragma unroll
-        for (int i = 0; i < kKS; ++i)
+        for (int i = 0; i < kKS; ++i) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const __half* row = v_res + static_cast<std::int64_t>(tokens[e] - qv) * D;
@@ -1511,7 +1511,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
                           ? __ldg(reinterpret_cast<const unsigned*>(row + value_channel(i, 0)))
                           : 0u;
           }
-          // A: 0x5410 pairs the two tokens' low halves (row g), 0x7632 their high halves (g + 8).
+        }
+        // A: 0x5410 pairs the two tokens' low halves (row g), 0x7632 their high halves (g + 8).
 #pragma unroll
         for (int i = 0; i < kKS; ++i)
           mma16816<__half>(acc[i], __byte_perm(w[i][0], w[i][1], 0x5410),
