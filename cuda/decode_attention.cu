@@ -524,14 +524,11 @@ __device__ void merge_scores(const DecodeParams<T>& p, int index) {
     const float* sums = p.workspace + partials * (D + 1) + first_partial;
     float m = -INFINITY;
     for (int s = lane; s < p.splits; s += 32) m = fmaxf(m, maxima[s]);
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2)
-      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+    m = warp_max(m);
     float l = 0.0f;
     if (m != -INFINITY)
       for (int s = lane; s < p.splits; s += 32) l += sums[s] * exp2f(maxima[s] - m);
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) l += __shfl_xor_sync(0xffffffffu, l, offset);
+    l = warp_sum(l);
     if (lane == 0) {
       head_max[h] = m;
       head_inv_sum[h] = l > 0.0f ? 1.0f / l : 0.0f;

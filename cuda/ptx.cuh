@@ -1,11 +1,13 @@
 // cuda/ptx.cuh (private): the sm_80+ data-movement instructions the tensor-core kernels share
-// (cuda/decode_attention.cu, cuda/quantized_decode_attention.cu, cuda/selection.cu), as inline PTX.
+// (cuda/decode_attention.cu, cuda/quantized_decode_attention.cu, cuda/selection.cu), as inline PTX,
+// and the full-warp shuffle reductions (also the split merge's, cuda/split_merge.cuh).
 //
 //   cp_async16(shared_dst, global_src);   // 16 bytes, bypassing L1
 //   cp_async_commit();
 //   cp_async_wait<1>();                   // all but the newest group have landed
 //   ldmatrix_x4(fragments, shared_row);   // four 8x8 b16 matrices
 //   mma16816<__half>(acc, a0, a1, a2, a3, b0, b1);  // acc (16x8 fp32) += A (16x16) B (16x8)
+//   m = warp_max(m); l = warp_sum(l);             // every lane gets the warp's max / sum
 #pragma once
 
 #include <cuda_bf16.h>
@@ -87,6 +89,18 @@ __device__ inline void mma16816(float (&c)[4], std::uint32_t a0, std::uint32_t a
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Full-warp reductions (butterfly: every lane gets the result).
+__device__ inline float warp_max(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+__device__ inline float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
 }
 
 }  // namespace kvc::ops::ptx

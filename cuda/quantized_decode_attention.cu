@@ -236,17 +236,6 @@ __device__ inline void row_partial(const float (*q_t)[G], int c0, const float (&
   for (int h = 0; h < G; ++h) part[h] = fmaf(dot[h], s, m * qsum[h]);
 }
 
-__device__ inline float warp_max(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) x = fmaxf(x, __shfl_xor_sync(kFull, x, o));
-  return x;
-}
-__device__ inline float warp_sum(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(kFull, x, o);
-  return x;
-}
-
 // A block's result for output element d of (sequence b, q_head): the output itself (one split) or
 // the split's partials. A NaN sum (a NaN score, e.g. kivi_mma's out-of-range key scales) stays NaN.
 template <int D>
@@ -2197,6 +2186,14 @@ void fill_common(Params& p, const Common& c, const DeviceView<const Storage, 3>&
   p.scale_log2 = scale * 1.4426950408889634f;
 }
 
+// After a split kernel: the merge of its partials (none with one split), overlapping its end.
+template <int D>
+void launch_merge(const Params& p, const Common& c, cudaStream_t native) {
+  if (p.splits > 1)
+    cuda_detail::launch_dependent(quantized_merge_kernel<D>,
+                                  static_cast<unsigned>(c.batch * c.q_heads), D, native, p);
+}
+
 template <class KF, class VF>
 void launch(const Params& p, const Common& c, Cuda stream) {
   if (c.batch == 0) return;
@@ -2212,9 +2209,7 @@ void launch(const Params& p, const Common& c, Cuda stream) {
                                <<<grid, kThreads, 0, native>>>(p);
                            KVC_CUDA_CHECK_LAUNCH(native);
                          });
-    if (p.splits > 1)
-      cuda_detail::launch_dependent(quantized_merge_kernel<kD>,
-                                    static_cast<unsigned>(c.batch * c.q_heads), kD, native, p);
+    launch_merge<kD>(p, c, native);
   });
 }
 
@@ -2248,9 +2243,7 @@ void launch_mma(const Params& p, const Common& c, Cuda stream, Pick pick) {
                            k.kernel<<<grid, mma_parts::kWarpsPerBlock * 32, k.bytes, native>>>(p);
                            KVC_CUDA_CHECK_LAUNCH(native);
                          });
-    if (p.splits > 1)
-      cuda_detail::launch_dependent(quantized_merge_kernel<kD>,
-                                    static_cast<unsigned>(c.batch * c.q_heads), kD, native, p);
+    launch_merge<kD>(p, c, native);
   });
 }
 

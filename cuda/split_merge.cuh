@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "check.cuh"
+#include "ptx.cuh"
 
 namespace kvc::ops::split_merge {
 
@@ -70,9 +71,7 @@ __device__ float merge_split_partials(const float* workspace, int batch, int q_h
   if (d < 32) {
     float m = -INFINITY;
     for (int s = d; s < splits; s += 32) m = fmaxf(m, weight[s]);
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1)
-      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+    m = ptx::warp_max(m);
     if (d == 0) global_max = m;
   }
   __syncthreads();
