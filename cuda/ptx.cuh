@@ -1,6 +1,7 @@
 // cuda/ptx.cuh (private): the sm_80+ data-movement instructions the tensor-core kernels share
 // (cuda/decode_attention.cu, cuda/quantized_decode_attention.cu, cuda/selection.cu), as inline PTX,
-// and the full-warp shuffle reductions (also the split merge's, cuda/split_merge.cuh).
+// and the full-warp shuffle reductions (also the split merge's, cuda/split_merge.cuh, and the FP8
+// max|x| of cuda/quantize.cu).
 //
 //   cp_async16(shared_dst, global_src);   // 16 bytes, bypassing L1
 //   cp_async_commit();

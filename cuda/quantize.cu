@@ -33,6 +33,7 @@
 #include "kvc/ops/quantize_cuda.hpp"
 #include "launch.cuh"
 #include "native_types.cuh"
+#include "ptx.cuh"
 
 namespace kvc::ops {
 namespace {
@@ -789,14 +790,12 @@ __global__ void __launch_bounds__(256) amax_kernel(Fp8Args a, std::int64_t per_b
     for (std::int64_t e = first + threadIdx.x; e < last; e += 256)
       m = fmaxf(m, fabsf(to_float(base[(e / a.dim) * a.xs[2] + e % a.dim])));
   }
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1)
-    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
-  __shared__ float warp_max[8];
-  if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = m;
+  m = ptx::warp_max(m);
+  __shared__ float warp_maxima[8];
+  if (threadIdx.x % 32 == 0) warp_maxima[threadIdx.x / 32] = m;
   __syncthreads();
   if (threadIdx.x == 0) {
-    for (int w = 1; w < 8; ++w) m = fmaxf(m, warp_max[w]);
+    for (int w = 1; w < 8; ++w) m = fmaxf(m, warp_maxima[w]);
     float* slot = const_cast<float*>(a.scale) + b * a.ss[0] + h * a.ss[1];
     atomicMax(reinterpret_cast<unsigned int*>(slot), __float_as_uint(m));
   }

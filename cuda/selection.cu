@@ -49,7 +49,7 @@
 namespace kvc::ops {
 namespace {
 
-using namespace ptx;  // cp.async and ldmatrix
+using namespace ptx;  // cp.async, ldmatrix and the warp reductions
 
 constexpr std::size_t kAlign = 256;
 
@@ -405,14 +405,11 @@ __global__ void merge_rows_kernel(const float* tile_max, const float* tile_sum, 
   const float* sums = tile_sum + static_cast<std::int64_t>(row) * tiles;
   float m = -INFINITY;
   for (int t = lane; t < tiles; t += 32) m = fmaxf(m, maxima[t]);
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2)
-    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, offset));
+  m = warp_max(m);
   float l = 0.0f;
   for (int t = lane; t < tiles; t += 32)
     if (maxima[t] != -INFINITY) l += sums[t] * expf(maxima[t] - m);
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) l += __shfl_xor_sync(0xffffffffu, l, offset);
+  l = warp_sum(l);
   if (lane == 0) {
     row_max[row] = m;
     row_sum[row] = l;
