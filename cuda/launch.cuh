@@ -3,6 +3,8 @@
 //   allow_dynamic_shared_memory(kernel, bytes);   // once per (kernel, device), then a lookup
 //   kernel<<<grid, threads, bytes, stream>>>(p);
 //   launch_dependent(merge_kernel, blocks, threads, stream, p);  // PDL on sm_90 and later
+//   if (clusters_fit(kernel, threads, bytes, n))                  // clusters sized at run time
+//     launch_clustered(kernel, grid, threads, bytes, stream, n, p);
 //
 // Dynamic shared memory beyond 48 KB must be allowed per kernel, and cudaFuncSetAttribute applies
 // to the current device only: a process that runs on two GPUs has to set it on each. Setting it on
@@ -86,6 +88,73 @@ void launch_dependent(void (*kernel)(Params...), unsigned blocks, unsigned threa
   cudaLaunchAttribute attribute[1];
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  KVC_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+  KVC_CUDA_CHECK_LAUNCH(stream);
+}
+
+// Whether clusters of cluster_x blocks of `kernel` (threads and dynamic shared memory `bytes` per
+// block) can be resident on the current device at all: a cluster must fit into one GPC, which a
+// partitioned GPU (MIG, green contexts) or a large block may not allow. Asked of the driver once
+// per (kernel, device, cluster size, bytes), then a lookup; allow_dynamic_shared_memory first.
+inline bool clusters_fit(const void* kernel, unsigned threads, int bytes, unsigned cluster_x) {
+  struct Known {
+    const void* kernel;
+    int device, bytes;
+    unsigned threads, cluster_x;
+    bool fits;
+  };
+  static std::mutex mutex;
+  static std::vector<Known> known;
+  int device = 0;
+  KVC_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  for (const Known& k : known)
+    if (k.kernel == kernel && k.device == device && k.bytes == bytes && k.threads == threads &&
+        k.cluster_x == cluster_x)
+      return k.fits;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(cluster_x);
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = static_cast<std::size_t>(bytes);
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = cluster_x;
+  attribute[0].val.clusterDim.y = 1;
+  attribute[0].val.clusterDim.z = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  int clusters = 0;
+  // A refused query (a size the device does not take at all) also means: launch without clusters;
+  // its error is cleared so that the next launch check does not report it.
+  const cudaError_t status = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
+  if (status != cudaSuccess) (void)cudaGetLastError();
+  const bool fits = status == cudaSuccess && clusters > 0;
+  known.push_back({kernel, device, bytes, threads, cluster_x, fits});
+  return fits;
+}
+
+template <class... Params>
+bool clusters_fit(void (*kernel)(Params...), unsigned threads, int bytes, unsigned cluster_x) {
+  return clusters_fit(reinterpret_cast<const void*>(kernel), threads, bytes, cluster_x);
+}
+
+// kernel<<<grid, threads, bytes, stream>>>(args...) as clusters of cluster_x blocks along x
+// (grid.x a multiple of it), for a cluster size known only at run time.
+template <class... Params, class... Args>
+void launch_clustered(void (*kernel)(Params...), dim3 grid, unsigned threads, int bytes,
+                      cudaStream_t stream, unsigned cluster_x, Args&&... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = static_cast<std::size_t>(bytes);
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = cluster_x;
+  attribute[0].val.clusterDim.y = 1;
+  attribute[0].val.clusterDim.z = 1;
   config.attrs = attribute;
   config.numAttrs = 1;
   KVC_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));

@@ -18,6 +18,7 @@
 // a whole tile (keys and values) before its arithmetic, the edge tiles (f16 residual rows, the end
 // of a sequence) take a per-row path. Splits are merged by a second kernel (flash-decoding), all
 // on base-2 exponentials of log2(e)-scaled scores.
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_fp8.h>
@@ -104,6 +105,9 @@ struct Params {
   int group = 32;  // channels (token rows) or tokens (KIVI keys) per parameter
   bool symmetric = false;
   int batch = 0, q_heads = 0, max_length = 0, chunk = 0, splits = 1;
+  // The splits of one (sequence, KV head) run as one thread-block cluster and merge through
+  // distributed shared memory (the KIVI kernel): no partials in the workspace, no merge kernel.
+  bool cluster_merge = false;
   float scale_log2 = 0.0f;
   // f16 1024 in both halves, read at run time so that ptxas keeps it in a register (code_pair).
   std::uint32_t f16_exponent_1024 = 0x64006400u;
@@ -236,16 +240,20 @@ __device__ inline void row_partial(const float (*q_t)[G], int c0, const float (&
   for (int h = 0; h < G; ++h) part[h] = fmaf(dot[h], s, m * qsum[h]);
 }
 
+// Output element d of (sequence b, q_head), rounded to the output type.
+__device__ inline void store_output(const Params& p, int b, int q_head, int d, float o) {
+  auto* dst = reinterpret_cast<std::uint16_t*>(p.out + b * p.out_batch + q_head * p.out_head);
+  dst[d] =
+      p.bf16 ? __bfloat16_as_ushort(__float2bfloat16_rn(o)) : __half_as_ushort(__float2half_rn(o));
+}
+
 // A block's result for output element d of (sequence b, q_head): the output itself (one split) or
 // the split's partials. A NaN sum (a NaN score, e.g. kivi_mma's out-of-range key scales) stays NaN.
 template <int D>
 __device__ inline void write_result(const Params& p, bool valid, float total, float sum,
                                     float block_max, int b, int q_head, int split, int d) {
   if (p.splits == 1) {
-    const float o = !valid ? NAN : (sum != 0.0f ? total / sum : 0.0f);
-    auto* dst = reinterpret_cast<std::uint16_t*>(p.out + b * p.out_batch + q_head * p.out_head);
-    dst[d] = p.bf16 ? __bfloat16_as_ushort(__float2bfloat16_rn(o))
-                    : __half_as_ushort(__float2half_rn(o));
+    store_output(p, b, q_head, d, !valid ? NAN : (sum != 0.0f ? total / sum : 0.0f));
   } else {
     const std::int64_t row = (static_cast<std::int64_t>(b) * p.q_heads + q_head) * p.splits + split;
     p.workspace[row * D + d] = valid ? total : NAN;
@@ -584,11 +592,9 @@ template <int D>
 __global__ void __launch_bounds__(D) quantized_merge_kernel(Params p) {
   cuda_detail::wait_for_prior_grid();  // the split kernel's partials
   const int b = blockIdx.x / p.q_heads, q_head = blockIdx.x % p.q_heads, d = threadIdx.x;
-  const float o =
-      split_merge::merge_split_partials<D>(p.workspace, p.batch, p.q_heads, p.splits, b, q_head);
-  auto* dst = reinterpret_cast<std::uint16_t*>(p.out + b * p.out_batch + q_head * p.out_head);
-  dst[d] =
-      p.bf16 ? __bfloat16_as_ushort(__float2bfloat16_rn(o)) : __half_as_ushort(__float2half_rn(o));
+  store_output(
+      p, b, q_head, d,
+      split_merge::merge_split_partials<D>(p.workspace, p.batch, p.q_heads, p.splits, b, q_head));
 }
 
 // ---- Pieces shared by the tensor-core kernels (kivi_mma and token_mma below) ------------------
@@ -613,11 +619,11 @@ __device__ inline void put_hi_lo(__half* hi, __half* lo, float x) {
 
 // q of the block's G query heads into q_raw [G][D] (fp32), and per head a power of two 2^E that
 // brings max|q 2^E| into [2^(top - 1), 2^top): q_scale[h] = 2^E, q_unscale[h] = 2^-E factor.
-template <int D, int G>
+template <int D, int G, int Warps = kWarpsPerBlock>
 __device__ void load_q_scaled(const Params& p, int b, int kv_head, int top, float factor,
                               float* q_raw, float* q_scale, float* q_unscale) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int i = threadIdx.x; i < G * D; i += kWarpsPerBlock * 32) {
+  for (int i = threadIdx.x; i < G * D; i += Warps * 32) {
     const int h = i / D, c = i % D;
     const auto* row =
         reinterpret_cast<const std::uint16_t*>(p.q + b * p.q_batch + (kv_head * G + h) * p.q_head);
@@ -626,7 +632,7 @@ __device__ void load_q_scaled(const Params& p, int b, int kv_head, int top, floa
                       : __half2float(__ushort_as_half(bits));
   }
   __syncthreads();
-  for (int h = warp; h < G; h += kWarpsPerBlock) {
+  for (int h = warp; h < G; h += Warps) {
     float mx = 0.0f;
     for (int c = lane; c < D; c += 32) mx = fmaxf(mx, fabsf(q_raw[h * D + c]));
     mx = warp_max(mx);
@@ -745,22 +751,23 @@ __device__ inline void store_warp(const float (&acc)[kM][kNT][4], const float (&
 }
 
 // Part 2, after a __syncthreads: the block merges its warps (warp w's accumulators at warps + w *
-// warp_bytes) and writes the output or its split's partials, times out_factor (FP8's value scale).
+// warp_bytes) and hands each element's accumulator times out_factor (FP8's value scale), exp-sum
+// and maximum to sink(h, d, total, sum, max); merge_warps writes them as the output or its split's
+// partials.
 // kLoRows: each warp holds [G][D] hi accumulators then [G][D] lo ones (2^11 times finer, the
 // token kernel's hi/lo B columns); without, one [G][D] block (KIVI).
-template <int D, int G, bool kLoRows = true>
-__device__ void merge_warps(const Params& p, const unsigned char* warps, int warp_bytes,
-                            const float* wmax, const float* wsum, float out_factor, bool valid,
-                            int b, int kv_head, int split) {
-  for (int i = threadIdx.x; i < G * D; i += kWarpsPerBlock * 32) {
+template <int D, int G, bool kLoRows, int Warps, class Sink>
+__device__ void merge_warps_into(const unsigned char* warps, int warp_bytes, const float* wmax,
+                                 const float* wsum, float out_factor, Sink sink) {
+  for (int i = threadIdx.x; i < G * D; i += Warps * 32) {
     const int h = i / D, d = i % D;
     float block_max = -INFINITY;
 #pragma unroll
-    for (int w = 0; w < kWarpsPerBlock; ++w) block_max = fmaxf(block_max, wmax[w * G + h]);
+    for (int w = 0; w < Warps; ++w) block_max = fmaxf(block_max, wmax[w * G + h]);
     // Every maximum -inf: the sums and accumulators are 0, or NaN (NaN scores), which must stay.
     float sum = 0.0f, total = 0.0f;
 #pragma unroll
-    for (int w = 0; w < kWarpsPerBlock; ++w) {
+    for (int w = 0; w < Warps; ++w) {
       const float weight = block_max == -INFINITY ? 1.0f : exp2f(wmax[w * G + h] - block_max);
       const auto* Ww = reinterpret_cast<const float*>(warps + w * warp_bytes);
       sum = fmaf(wsum[w * G + h], weight, sum);
@@ -768,16 +775,70 @@ __device__ void merge_warps(const Params& p, const unsigned char* warps, int war
           kLoRows ? Ww[h * D + d] + Ww[(G + h) * D + d] * (1.0f / 2048.0f) : Ww[h * D + d];
       total = fmaf(value, weight, total);
     }
-    write_result<D>(p, valid, total * out_factor, sum, block_max, b, kv_head * G + h, split, d);
+    sink(h, d, total * out_factor, sum, block_max);
   }
+}
+
+template <int D, int G, bool kLoRows = true, int Warps = kWarpsPerBlock>
+__device__ void merge_warps(const Params& p, const unsigned char* warps, int warp_bytes,
+                            const float* wmax, const float* wsum, float out_factor, bool valid,
+                            int b, int kv_head, int split) {
+  merge_warps_into<D, G, kLoRows, Warps>(
+      warps, warp_bytes, wmax, wsum, out_factor,
+      [&](int h, int d, float total, float sum, float block_max) {
+        write_result<D>(p, valid, total, sum, block_max, b, kv_head * G + h, split, d);
+      });
+}
+
+// The end of a split whose (sequence, KV head) runs as one cluster of p.splits blocks: the block's
+// merged [G][D] accumulators (NaN for an invalid sequence, as write_result writes them), maxima and
+// sums into its shared memory (totals [G][D], maxima [G], sums [G]); after a cluster barrier each
+// block merges a share of the outputs from every block's shared memory, with the arithmetic and
+// order of split_merge::merge_split_partials, and a second barrier keeps every block's shared
+// memory alive until the others have read it.
+template <int D, int G, int Warps>
+__device__ void merge_cluster(const Params& p, const unsigned char* warps, int warp_bytes,
+                              const float* wmax, const float* wsum, bool valid, int b, int kv_head,
+                              float* totals, float* maxima, float* sums) {
+  merge_warps_into<D, G, false, Warps>(warps, warp_bytes, wmax, wsum, 1.0f,
+                                       [&](int h, int d, float total, float sum, float block_max) {
+                                         totals[h * D + d] = valid ? total : NAN;
+                                         if (d == 0) maxima[h] = block_max, sums[h] = sum;
+                                       });
+  cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+  cluster.sync();
+  const int splits = p.splits, rank = static_cast<int>(cluster.block_rank());
+  const int share = (G * D + splits - 1) / splits;
+  const int last = min(G * D, (rank + 1) * share);
+  for (int i = rank * share + static_cast<int>(threadIdx.x); i < last; i += Warps * 32) {
+    const int h = i / D, d = i % D;
+    float m = -INFINITY;
+    for (int s = 0; s < splits; ++s) m = fmaxf(m, cluster.map_shared_rank(maxima, s)[h]);
+    float total = 0.0f, total_weight = 0.0f;
+    bool nan_first = false;
+    for (int s = 0; s < splits; ++s) {
+      const float weight = m == -INFINITY ? 0.0f : exp2f(cluster.map_shared_rank(maxima, s)[h] - m);
+      const float a = cluster.map_shared_rank(totals, s)[i];
+      if (s == 0) nan_first = isnan(a);
+      total_weight += cluster.map_shared_rank(sums, s)[h] * weight;
+      total += a * weight;
+    }
+    float o = total_weight > 0.0f ? total / total_weight : 0.0f;
+    if (isnan(total) || isnan(total_weight) || nan_first) o = NAN;
+    store_output(p, b, kv_head * G + h, d, o);
+  }
+  cluster.sync();
 }
 
 }  // namespace mma_parts
 
 // ---- KIVI on tensor cores ----------------------------------------------------------------------
-// One block of 4 warps per (split, KV head, sequence), each warp taking 32-token tiles as above,
-// but both products run as mma.sync.m16n8k16 (f16 operands, fp32 accumulation), n = 8 columns,
-// column j holding query head j % G (G <= 8: heads repeat across the 8 columns for G < 8):
+// One block of 16 warps (12 for G = 8) per (split, KV head, sequence) and one block per SM, each
+// warp taking 32-token tiles as above; the splits of a (sequence, KV head) form one thread-block
+// cluster when there are 2 to 8 of them and merge through distributed shared memory at the end
+// (merge_cluster), otherwise through the workspace and the merge kernel. Both products run as
+// mma.sync.m16n8k16 (f16 operands, fp32 accumulation), n = 8 columns, column j holding query
+// head j % G (G <= 8: heads repeat across the 8 columns for G < 8):
 //   q.K: A = the tile's key codes (16 tokens x 16 channels per mma), B = q' = q s per channel of
 //        the key block, plus A = the block's minimums (the same row for every token) against
 //        B = q, which adds sum_c q_c m_c to every score;
@@ -818,8 +879,20 @@ using namespace mma_parts;
 
 constexpr int kQTop = 3;  // max|q 2^E| in [2^2, 2^3)
 
+// Warps per block, and one block per SM: as many warps as 128 registers (G = 8: 168) allow (17 to
+// 20 warps get 96 registers and spill 128 bytes; five 4-warp blocks at 96 registers measured slower
+// on the H100, 2-bit 0.142 against 0.131 ms at batch 8, 32K). The warp schedulers favour older
+// blocks, so four 4-warp blocks on one SM ended in a staircase about 6 us apart at batch 8 / 32K,
+// the last one alone on the SM; one block's warps start together and end within about a
+// microsecond of each other (H100, 2-bit at batch 8, 32K: 0.0990 -> 0.0949 ms).
+template <int G>
+constexpr int kivi_warps() {
+  return G >= 8 ? 12 : 16;
+}
+
 template <int Bits, int D, int G>
 struct Layout {
+  static constexpr int kWarps = kivi_warps<G>();
   static_assert(G <= 8, "one n-tile of 8 columns holds the GQA group");
   static constexpr int kKS = D / 16;  // k-steps (keys) = m-tiles (values)
   static constexpr int kVS = D / 32;  // value slots of 32 channels (value groups are >= 32)
@@ -851,10 +924,10 @@ struct Layout {
   static constexpr int kQRaw = kQh + kKS * 32 * 8;   // [G][D] f32
   static constexpr int kQScale = kQRaw + G * D * 4;  // [G] 2^E
   static constexpr int kQUnscale = kQScale + 32;     // [G] 2^-E log2(e) scale
-  static constexpr int kWMax = kQUnscale + 32;       // [4][G]
-  static constexpr int kWSum = kWMax + 4 * G * 4;
-  static constexpr int kBlockBytes = (kWSum + 4 * G * 4 + 127) / 128 * 128;
-  static constexpr int kSmemBytes = kBlockBytes + kWarpsPerBlock * kWarpBytes;
+  static constexpr int kWMax = kQUnscale + 32;       // [warps][G]
+  static constexpr int kWSum = kWMax + kWarps * G * 4;
+  static constexpr int kBlockBytes = (kWSum + kWarps * G * 4 + 127) / 128 * 128;
+  static constexpr int kSmemBytes = kBlockBytes + kWarps * kWarpBytes;
 };
 
 // 2-bit codes, thread (g, t): the PRMT selector that brings byte g / 2 of word x into byte 0 and
@@ -968,18 +1041,11 @@ __device__ inline float fast_exp2(float x) {
   return y;
 }
 
-// Blocks per SM the register budget is set for: 4 (128 registers; 5 blocks at 96 registers spill
-// and measured slower on the H100, 2-bit 0.142 against 0.131 ms at batch 8, 32K), 3 for G = 8.
-template <int G>
-constexpr int kivi_min_blocks() {
-  return G >= 8 ? 3 : 4;
-}
-
 template <int Bits, int D, int G>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
-    kivi_mma_kernel(Params p) {
+__global__ void __launch_bounds__(kivi_warps<G>() * 32, 1) kivi_mma_kernel(Params p) {
   cuda_detail::allow_dependent_launch();  // the merge waits for this grid's end by itself
   using L = Layout<Bits, D, G>;
+  constexpr int kW = L::kWarps;
   constexpr int kKS = L::kKS, kVS = L::kVS, kTwins = L::kTwins, kSPL = L::kSlotsPerLane;
   constexpr int kRW = L::kValRowWords;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -1168,8 +1234,8 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
   // With the first tile on its way (its DRAM latency overlaps this set-up): q, its per-head
   // power-of-two scale, and the B fragments of q: thread (g, t) of k-step s holds column g (head
   // g % G), channels key_channel(s, t, 0 .. 3) (k slots 2t, 2t + 1, 2t + 8, 2t + 9).
-  load_q_scaled<D, G>(p, b, kv_head, kQTop, p.scale_log2, q_raw, q_scale, q_unscale);
-  for (int idx = threadIdx.x; idx < kKS * 32; idx += kWarpsPerBlock * 32) {
+  load_q_scaled<D, G, kW>(p, b, kv_head, kQTop, p.scale_log2, q_raw, q_scale, q_unscale);
+  for (int idx = threadIdx.x; idx < kKS * 32; idx += kW * 32) {
     const int ln = idx % 32, s = idx / 32, h = (ln >> 2) % G;
     const float* qr = q_raw + h * D;
     const float f = q_scale[h];
@@ -1202,7 +1268,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
       else
         return code_pair<4, kField>(x, exp1024);
     };
-    const int next = t0 + kWarpsPerBlock * 32;
+    const int next = t0 + kW * 32;
     if (kMode != kGeneral && next + 32 <= whole_end)
       issue(next, stage_ptr(stage ^ 1), mode);
     else if (next < end)
@@ -1588,8 +1654,12 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32, kivi_min_blocks<G>())
       if (col < G) W[col * D + ch] = acc[i][r] + mvs[(i / 2) * 8 + col];
     }
   __syncthreads();
-  merge_warps<D, G, false>(p, smem + L::kBlockBytes, L::kWarpBytes, wmax, wsum, 1.0f, valid, b,
-                           kv_head, split);
+  if (p.cluster_merge)  // q_raw, q_scale and q_unscale are free by now
+    merge_cluster<D, G, kW>(p, smem + L::kBlockBytes, L::kWarpBytes, wmax, wsum, valid, b, kv_head,
+                            q_raw, q_scale, q_unscale);
+  else
+    merge_warps<D, G, false, kW>(p, smem + L::kBlockBytes, L::kWarpBytes, wmax, wsum, 1.0f, valid,
+                                 b, kv_head, split);
 }
 
 }  // namespace kivi_mma
@@ -2224,6 +2294,7 @@ bool aligned16(const Part& part) {
 struct MmaKernel {
   void (*kernel)(Params) = nullptr;
   int bytes = 0, most = 0;
+  int threads = mma_parts::kWarpsPerBlock * 32;
 };
 
 // Launches pick(head_dim, group) -> MmaKernel over the dispatch of D and Hq / Hkv, then the merge.
@@ -2236,32 +2307,30 @@ void launch_mma(const Params& p, const Common& c, Cuda stream, Pick pick) {
   const std::string group_name = std::string(c.op) + ": Hq / Hkv";
   dispatch<HeadDims>(static_cast<int>(c.d), head_dim_name.c_str(), [&](auto head_dim) {
     constexpr int kD = decltype(head_dim)::value;
-    dispatch<GroupSizes>(static_cast<int>(c.q_heads / c.kv_heads), group_name.c_str(),
-                         [&](auto group) {
-                           const MmaKernel k = pick(head_dim, group);
-                           cuda_detail::allow_dynamic_shared_memory(k.kernel, k.most);
-                           k.kernel<<<grid, mma_parts::kWarpsPerBlock * 32, k.bytes, native>>>(p);
-                           KVC_CUDA_CHECK_LAUNCH(native);
-                         });
-    launch_merge<kD>(p, c, native);
+    dispatch<GroupSizes>(
+        static_cast<int>(c.q_heads / c.kv_heads), group_name.c_str(), [&](auto group) {
+          const MmaKernel k = pick(head_dim, group);
+          cuda_detail::allow_dynamic_shared_memory(k.kernel, k.most);
+          if (p.cluster_merge) {
+            cuda_detail::launch_clustered(k.kernel, grid, k.threads, k.bytes, native, p.splits, p);
+          } else {
+            k.kernel<<<grid, k.threads, k.bytes, native>>>(p);
+            KVC_CUDA_CHECK_LAUNCH(native);
+          }
+        });
+    if (!p.cluster_merge) launch_merge<kD>(p, c, native);
   });
 }
 
-// The KIVI kernel's blocks are few per SM (registers): of the split counts up to the common plan's
-// (which sized the workspace), take the one whose blocks fill their last wave best (a last wave 6 %
-// full costs nearly a whole block time), and of those about as good the fewest (longer splits
-// spread each block's q setup and final merge over more tiles; measured on the H100, batch 8 at
-// 32K: 8 splits in one wave beat 16 in two by 4 %).
-Params kivi_splits(const Params& p, int kv_heads, int smem_bytes, int min_blocks) {
+// The KIVI kernel runs one block per SM: of the split counts up to the common plan's (which sized
+// the workspace), take the one whose blocks fill their last wave best (a last wave 6 % full costs
+// nearly a whole block time), and of those about as good the fewest (longer splits spread each
+// block's q setup and final merge over more tiles; measured on the H100, batch 8 at 32K: 8 splits
+// in one wave beat 16 in two by 4 %, with four 4-warp blocks per SM).
+Params kivi_splits(const Params& p, int kv_heads, int warps) {
   Params q = p;
-  int device = 0, shared_per_sm = 0;
-  KVC_CUDA_CHECK(cudaGetDevice(&device));
-  KVC_CUDA_CHECK(
-      cudaDeviceGetAttribute(&shared_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
-  // 1 KB per block is reserved by the system (sm_80 and later).
-  const int per_sm = std::max(1, std::min(min_blocks, shared_per_sm / (smem_bytes + 1024)));
-  const double slots = static_cast<double>(per_sm) * split_merge::multiprocessors();
-  const int pairs = std::max(1, p.batch * kv_heads), step = kWarps * kTile;
+  const double slots = split_merge::multiprocessors();
+  const int pairs = std::max(1, p.batch * kv_heads), step = warps * kTile;
   const int length = std::max(p.max_length, 1);
   // fill(s): how full the last wave of s splits is (0 where s splits are not a plan of their own).
   auto fill = [&](int s, int* chunk_out) {
@@ -2285,23 +2354,27 @@ Params kivi_splits(const Params& p, int kv_heads, int smem_bytes, int min_blocks
 
 template <int Bits>
 void launch_kivi_mma(const Params& p0, const Common& c, Cuda stream) {
-  int smem = 0, min_blocks = 1;
+  const auto pick = [](auto head_dim, auto group) {
+    constexpr int kD = decltype(head_dim)::value, kG = decltype(group)::value;
+    constexpr int kW = kivi_mma::kivi_warps<kG>();
+    constexpr int kBytes = kivi_mma::Layout<Bits, kD, kG>::kSmemBytes;
+    return MmaKernel{&kivi_mma::kivi_mma_kernel<Bits, kD, kG>, kBytes, kBytes, kW * 32};
+  };
+  MmaKernel kernel;
   const std::string head_dim_name = std::string(c.op) + ": head_dim";
   const std::string group_name = std::string(c.op) + ": Hq / Hkv";
   dispatch<HeadDims>(static_cast<int>(c.d), head_dim_name.c_str(), [&](auto head_dim) {
-    dispatch<GroupSizes>(
-        static_cast<int>(c.q_heads / c.kv_heads), group_name.c_str(), [&](auto group) {
-          constexpr int kD = decltype(head_dim)::value, kG = decltype(group)::value;
-          smem = kivi_mma::Layout<Bits, kD, kG>::kSmemBytes;
-          min_blocks = kivi_mma::kivi_min_blocks<kG>();
-        });
+    dispatch<GroupSizes>(static_cast<int>(c.q_heads / c.kv_heads), group_name.c_str(),
+                         [&](auto group) { kernel = pick(head_dim, group); });
   });
-  const Params p = kivi_splits(p0, static_cast<int>(c.kv_heads), smem, min_blocks);
-  launch_mma(p, c, stream, [](auto head_dim, auto group) {
-    constexpr int kD = decltype(head_dim)::value, kG = decltype(group)::value;
-    constexpr int kBytes = kivi_mma::Layout<Bits, kD, kG>::kSmemBytes;
-    return MmaKernel{&kivi_mma::kivi_mma_kernel<Bits, kD, kG>, kBytes, kBytes};
-  });
+  Params p = kivi_splits(p0, static_cast<int>(c.kv_heads), kernel.threads / 32);
+  cuda_detail::allow_dynamic_shared_memory(kernel.kernel, kernel.most);
+  // The splits of a (sequence, KV head) merge inside their cluster where one can hold them all (8
+  // blocks: the portable cluster size); more splits go through the workspace and the merge kernel.
+  p.cluster_merge = p.splits >= 2 && p.splits <= 8 &&
+                    cuda_detail::clusters_fit(kernel.kernel, kernel.threads, kernel.bytes,
+                                              static_cast<unsigned>(p.splits));
+  launch_mma(p, c, stream, pick);
 }
 
 template <class F>
