@@ -1388,16 +1388,30 @@ __global__ void __launch_bounds__(kivi_warps<G>() * 32, 1) kivi_mma_kernel(Param
     }
 
     // ---- online softmax on the accumulators: column c = entries c, c + 2 of both m-tiles
-    float corr[2];
+    // A running maximum moves in a few tiles of a split only. When no score of the warp's tile
+    // exceeds it (u > 0 keeps the order of the raw maxima), the warp's maximum and the correction
+    // are skipped: new_max would be run_max and corr 1, so the results are the same bit for bit.
+    float mx[2];
+    bool above = false;
 #pragma unroll
     for (int c = 0; c < 2; ++c) {
-      float mx = fmaxf(fmaxf(sc[0][c], sc[0][c + 2]), fmaxf(sc[1][c], sc[1][c + 2]));
-      mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 4));
-      mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 8));
-      mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 16));
-      // (NaN u: NaN probabilities and sums, as NaN scores would give.)
-      const float new_max = fmaxf(run_max[c], (mx + bias[c]) * u[c]);
-      corr[c] = fast_exp2(run_max[c] - new_max);
+      mx[c] = fmaxf(fmaxf(sc[0][c], sc[0][c + 2]), fmaxf(sc[1][c], sc[1][c + 2]));
+      above = above || (mx[c] + bias[c]) * u[c] > run_max[c];
+    }
+    const bool moves = __any_sync(kFull, above);
+    float corr[2] = {1.0f, 1.0f};
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      float new_max = run_max[c];
+      if (moves) {
+        float m = mx[c];
+        m = fmaxf(m, __shfl_xor_sync(kFull, m, 4));
+        m = fmaxf(m, __shfl_xor_sync(kFull, m, 8));
+        m = fmaxf(m, __shfl_xor_sync(kFull, m, 16));
+        // (NaN u: NaN probabilities and sums, as NaN scores would give.)
+        new_max = fmaxf(run_max[c], (m + bias[c]) * u[c]);
+        corr[c] = fast_exp2(run_max[c] - new_max);
+      }
       const float off = fmaf(bias[c], u[c], -new_max);
       float sum = 0.0f;
 #pragma unroll
@@ -1410,7 +1424,7 @@ __global__ void __launch_bounds__(kivi_warps<G>() * 32, 1) kivi_mma_kernel(Param
       run_sum[c] = fmaf(run_sum[c], corr[c], sum);
       run_max[c] = new_max;
     }
-    if (__any_sync(kFull, corr[0] != 1.0f || corr[1] != 1.0f)) {
+    if (moves && __any_sync(kFull, corr[0] != 1.0f || corr[1] != 1.0f)) {
 #pragma unroll
       for (int i = 0; i < kKS; ++i) {
         acc[i][0] *= corr[0], acc[i][1] *= corr[1];
