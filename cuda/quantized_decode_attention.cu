@@ -879,12 +879,12 @@ using namespace mma_parts;
 
 constexpr int kQTop = 3;  // max|q 2^E| in [2^2, 2^3)
 
-// Warps per block, and one block per SM: as many warps as 128 registers (G = 8: 168) allow (17 to
-// 20 warps get 96 registers and spill 128 bytes; five 4-warp blocks at 96 registers measured slower
-// on the H100, 2-bit 0.142 against 0.131 ms at batch 8, 32K). The warp schedulers favour older
-// blocks, so four 4-warp blocks on one SM ended in a staircase about 6 us apart at batch 8 / 32K,
-// the last one alone on the SM; one block's warps start together and end within about a
-// microsecond of each other (H100, 2-bit at batch 8, 32K: 0.0990 -> 0.0949 ms).
+// Warps per block, and one block per SM: as many warps as 128 registers (G = 8: 168) allow (18 or
+// 20 warps got 96 registers and 128 bytes of stack; five 4-warp blocks at 96 registers measured
+// slower on the H100, 2-bit 0.142 against 0.131 ms at batch 8, 32K). The warp schedulers favour
+// older blocks, so four 4-warp blocks on one SM ended in a staircase about 6 us apart at batch 8 /
+// 32K, the last one alone on the SM; the 16 warps of one block start together and share the
+// schedulers to the end (H100, 2-bit at batch 8, 32K: 0.0990 -> 0.0949 ms).
 template <int G>
 constexpr int kivi_warps() {
   return G >= 8 ? 12 : 16;
