@@ -94,6 +94,27 @@ void launch_dependent(void (*kernel)(Params...), unsigned blocks, unsigned threa
   KVC_CUDA_CHECK_LAUNCH(stream);
 }
 
+// A launch configuration of clusters of cluster_x blocks along x (grid.x a multiple of it), for a
+// cluster size known only at run time. config.attrs points into the object: not copyable.
+struct ClusterConfig {
+  cudaLaunchConfig_t config{};
+  cudaLaunchAttribute attribute[1]{};
+  ClusterConfig(dim3 grid, unsigned threads, int bytes, cudaStream_t stream, unsigned cluster_x) {
+    config.gridDim = grid;
+    config.blockDim = dim3(threads);
+    config.dynamicSmemBytes = static_cast<std::size_t>(bytes);
+    config.stream = stream;
+    attribute[0].id = cudaLaunchAttributeClusterDimension;
+    attribute[0].val.clusterDim.x = cluster_x;
+    attribute[0].val.clusterDim.y = 1;
+    attribute[0].val.clusterDim.z = 1;
+    config.attrs = attribute;
+    config.numAttrs = 1;
+  }
+  ClusterConfig(const ClusterConfig&) = delete;
+  ClusterConfig& operator=(const ClusterConfig&) = delete;
+};
+
 // Whether clusters of cluster_x blocks of `kernel` (threads and dynamic shared memory `bytes` per
 // block) can be resident on the current device at all: a cluster must fit into one GPC, which a
 // partitioned GPU (MIG, green contexts) or a large block may not allow. Asked of the driver once
@@ -114,21 +135,11 @@ inline bool clusters_fit(const void* kernel, unsigned threads, int bytes, unsign
     if (k.kernel == kernel && k.device == device && k.bytes == bytes && k.threads == threads &&
         k.cluster_x == cluster_x)
       return k.fits;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(cluster_x);
-  config.blockDim = dim3(threads);
-  config.dynamicSmemBytes = static_cast<std::size_t>(bytes);
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeClusterDimension;
-  attribute[0].val.clusterDim.x = cluster_x;
-  attribute[0].val.clusterDim.y = 1;
-  attribute[0].val.clusterDim.z = 1;
-  config.attrs = attribute;
-  config.numAttrs = 1;
+  const ClusterConfig cluster(dim3(cluster_x), threads, bytes, nullptr, cluster_x);
   int clusters = 0;
   // A refused query (a size the device does not take at all) also means: launch without clusters;
   // its error is cleared so that the next launch check does not report it.
-  const cudaError_t status = cudaOccupancyMaxActiveClusters(&clusters, kernel, &config);
+  const cudaError_t status = cudaOccupancyMaxActiveClusters(&clusters, kernel, &cluster.config);
   if (status != cudaSuccess) (void)cudaGetLastError();
   const bool fits = status == cudaSuccess && clusters > 0;
   known.push_back({kernel, device, bytes, threads, cluster_x, fits});
@@ -140,24 +151,12 @@ bool clusters_fit(void (*kernel)(Params...), unsigned threads, int bytes, unsign
   return clusters_fit(reinterpret_cast<const void*>(kernel), threads, bytes, cluster_x);
 }
 
-// kernel<<<grid, threads, bytes, stream>>>(args...) as clusters of cluster_x blocks along x
-// (grid.x a multiple of it), for a cluster size known only at run time.
+// kernel<<<grid, threads, bytes, stream>>>(args...) as clusters of cluster_x blocks along x.
 template <class... Params, class... Args>
 void launch_clustered(void (*kernel)(Params...), dim3 grid, unsigned threads, int bytes,
                       cudaStream_t stream, unsigned cluster_x, Args&&... args) {
-  cudaLaunchConfig_t config{};
-  config.gridDim = grid;
-  config.blockDim = dim3(threads);
-  config.dynamicSmemBytes = static_cast<std::size_t>(bytes);
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeClusterDimension;
-  attribute[0].val.clusterDim.x = cluster_x;
-  attribute[0].val.clusterDim.y = 1;
-  attribute[0].val.clusterDim.z = 1;
-  config.attrs = attribute;
-  config.numAttrs = 1;
-  KVC_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+  const ClusterConfig cluster(grid, threads, bytes, stream, cluster_x);
+  KVC_CUDA_CHECK(cudaLaunchKernelEx(&cluster.config, kernel, std::forward<Args>(args)...));
   KVC_CUDA_CHECK_LAUNCH(stream);
 }
 
