@@ -814,18 +814,16 @@ __device__ void merge_cluster(const Params& p, const unsigned char* warps, int w
     const int h = i / D, d = i % D;
     float m = -INFINITY;
     for (int s = 0; s < splits; ++s) m = fmaxf(m, cluster.map_shared_rank(maxima, s)[h]);
-    float total = 0.0f, total_weight = 0.0f;
-    bool nan_first = false;
+    float total = 0.0f, total_weight = 0.0f, first_total = 0.0f;
     for (int s = 0; s < splits; ++s) {
-      const float weight = m == -INFINITY ? 0.0f : exp2f(cluster.map_shared_rank(maxima, s)[h] - m);
+      const float weight = split_merge::split_weight(cluster.map_shared_rank(maxima, s)[h], m);
       const float a = cluster.map_shared_rank(totals, s)[i];
-      if (s == 0) nan_first = isnan(a);
+      if (s == 0) first_total = a;
       total_weight += cluster.map_shared_rank(sums, s)[h] * weight;
       total += a * weight;
     }
-    float o = total_weight > 0.0f ? total / total_weight : 0.0f;
-    if (isnan(total) || isnan(total_weight) || nan_first) o = NAN;
-    store_output(p, b, kv_head * G + h, d, o);
+    store_output(p, b, kv_head * G + h, d,
+                 split_merge::merged_output(total, total_weight, first_total));
   }
   cluster.sync();
 }

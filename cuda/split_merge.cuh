@@ -3,6 +3,7 @@
 //
 //   const SplitPlan plan = plan_splits(batch, kv_heads, max_length, /*blocks per SM*/ 16, 64);
 //   const float o = merge_split_partials<D>(workspace, batch, q_heads, splits, b, q_head);
+//   (split_weight and merged_output: its arithmetic, for merges that read the partials elsewhere)
 //
 // Workspace layout of the B * Hq * S partials (S = splits, row r = (b * Hq + q_head) * S + s):
 // accumulators [rows, D], then the rows' maxima (log2 domain) [rows], then their exp-sums [rows].
@@ -50,6 +51,21 @@ inline SplitPlan plan_splits(int batch, int kv_heads, int max_length, int blocks
   return plan;
 }
 
+// The weight of a split with maximum `split_max` (log2 domain) under the splits' maximum m (every
+// maximum -inf: every split empty, weight 0).
+__device__ inline float split_weight(float split_max, float m) {
+  return m == -INFINITY ? 0.0f : exp2f(split_max - m);
+}
+
+// The merged output from the weighted sums of the splits' accumulators (total) and exp-sums
+// (total_weight). A split flagged invalid (a length the device found inconsistent, a refused KIVI
+// key block) wrote NaN accumulators: 0 * NaN keeps it in `total` whatever that split's weight;
+// first_total, split 0's accumulator, is checked as well.
+__device__ inline float merged_output(float total, float total_weight, float first_total) {
+  const float o = total_weight > 0.0f ? total / total_weight : 0.0f;
+  return isnan(total) || isnan(total_weight) || isnan(first_total) ? NAN : o;
+}
+
 // Called by all D threads of one block for one (sequence b, query head): the merged output
 // element `threadIdx.x`. The splits' maxima and exp-sums come into shared memory in one round
 // trip (one split per thread), the weights are computed once per split, and each thread's
@@ -76,7 +92,7 @@ __device__ float merge_split_partials(const float* workspace, int batch, int q_h
   }
   __syncthreads();
   const float m = global_max;
-  for (int s = d; s < splits; s += D) weight[s] = m == -INFINITY ? 0.0f : exp2f(weight[s] - m);
+  for (int s = d; s < splits; s += D) weight[s] = split_weight(weight[s], m);
   __syncthreads();
   const float* acc = workspace + first * D + d;
   float total = 0.0f, total_weight = 0.0f;
@@ -92,11 +108,7 @@ __device__ float merge_split_partials(const float* workspace, int batch, int q_h
       total += a[j] * weight[s0 + j];
     }
   }
-  float o = total_weight > 0.0f ? total / total_weight : 0.0f;
-  // A split flagged invalid (a length the device found inconsistent, a refused KIVI key block)
-  // wrote NaN accumulators: 0 * NaN keeps it in `total` whatever that split's weight.
-  if (isnan(total) || isnan(total_weight) || isnan(acc[0])) o = NAN;
-  return o;
+  return merged_output(total, total_weight, acc[0]);
 }
 
 }  // namespace kvc::ops::split_merge
